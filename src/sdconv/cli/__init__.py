@@ -1,0 +1,55 @@
+"""The command line: thin click commands that parse, call the engine, and print.
+
+Exit codes: 0 success · 1 verification failed · 2 usage · 3 unreadable or malformed input ·
+4 refused as unsafe · 5 layout detection failed or ambiguous, or the file does not match
+--from · 6 output refused (exists, or is the input).
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from .. import __version__
+from ..converters.errors import SdconvError
+
+EXIT_CODES = """\b
+Exit codes:
+  0 success            1 verification failed      2 usage
+  3 unreadable input   4 refused as unsafe        5 layout not found/ambiguous
+  6 output refused (exists without --force, or is the input)"""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SdconvError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            msg = e.message + (f" — {e.hint}" if e.hint else "")
+            click.echo(f"sdconv: error: {msg}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EXIT_CODES)
+@click.version_option(__version__, prog_name="sdconv")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug):
+    """Extract and convert the CLIP text encoder of Stable Diffusion checkpoints.
+
+    \b
+    Examples:
+      sdconv layouts
+      sdconv convert model.safetensors -o clip-l.safetensors --to openai
+      sdconv convert model.ckpt -o text_encoder_hf --to hf --dry-run
+    """
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+from . import convert as _convert  # noqa: E402,F401  (registers the commands)
+from . import layouts as _layouts  # noqa: E402,F401
+from . import sample as _sample  # noqa: E402,F401

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import EXIT_CODES, main
+
+
+def _params(values) -> dict:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k or not val:
+            raise click.BadParameter(f"{v!r} is not NAME=VALUE (e.g. heads=16 or act=gelu)", param_hint="--param")
+        out[k.strip()] = val.strip()
+    return out
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("input", type=click.Path(exists=False, dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output file or folder.")
+@click.option("--to", "to", required=True, metavar="LAYOUT", help="Target layout (see `sdconv layouts`).")
+@click.option("--from", "from_", default="auto", show_default=True, metavar="LAYOUT|auto",
+              help="Input layout; auto detects it from the file's keys.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), default=None,
+              help="Output container. Default: from the output's suffix (.pt/.ckpt/.bin/.pth -> pt), else safetensors.")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
+              help="Float dtype of the output tensors (integer buffers stay int64).")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Override what the weights cannot say: heads=N, act=quick_gelu|gelu. Repeatable.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (layout, architecture, every tensor) and write nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def convert(input, output, to, from_, fmt, dtype, params, force, dry_run, quiet):
+    """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
+
+    INPUT is a .safetensors, .ckpt/.pt/.pth/.bin file, or a model folder. Folder layouts
+    (hf, diffusers) write a folder with config.json; the others write one file.
+
+    \b
+    Examples:
+      sdconv convert v1-5.safetensors -o clip-l.safetensors --to openai
+      sdconv convert v1-5.ckpt -o clip-l-hf --to hf --dtype fp16
+      sdconv convert clip-l-hf -o clip-l.pt --to open_clip --format pt
+      sdconv convert openclip-h.bin -o h --to hf --param act=gelu
+      sdconv convert v1-5.safetensors -o x --to hf --dry-run
+    """
+    from ..converters.engine import convert as run_convert, make_plan
+
+    kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype)
+    if dry_run:
+        plan = make_plan(input, output=output, **kw)
+        click.echo(plan.describe())
+        click.echo("dry run: nothing written")
+        return
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(unit="B", unit_scale=True, desc="converting", leave=False, delay=1.0)
+    try:
+        res = run_convert(input, output, force=force, progress=bar.update if bar else None, **kw)
+    finally:
+        if bar:
+            bar.close()
+    if quiet:
+        return
+    p = res.plan
+    how = "detected" if p.verdicts is not None else "--from"
+    n = len(p.ops) + len(p.buffers)
+    click.echo(f"{input}: {p.read.layout.name} ({how}); width {p.arch['width']}, {p.arch['layers']} layers, "
+               f"heads {p.params['heads']}, {p.params['act']}, projection {p.arch.get('proj') or 'none'}")
+    for note in p.read.notes + p.notes:
+        click.echo(f"  note: {note}")
+    click.echo(f"wrote {res.output} ({p.target.name}, {p.fmt}, {n} tensors, {p.bytes_to_write / 1e6:.1f} MB)")

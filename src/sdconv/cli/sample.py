@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import click
+
+from . import main
+
+
+@main.command()
+@click.argument("output", type=click.Path())
+@click.option("--layout", default="ldm", show_default=True, help="Layout of the sample (a single-file layout).")
+@click.option("--preset", default="tiny", show_default=True,
+              help="Architecture: tiny (width 128, 2 layers), vit-l-14 (SD1.x, full size), vit-h-14, vit-bigg-14.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def sample(output, layout, preset, dtype, seed, force):
+    """Write a synthetic checkpoint with random weights and real keys.
+
+    Good for trying sdconv without a model download. The default is a tiny SD1.x-style LDM
+    checkpoint: the text encoder under its real SD1.x keys, plus UNet and VAE stand-ins.
+
+    \b
+    Examples:
+      sdconv sample sd1-tiny.safetensors
+      sdconv sample sd1-full.safetensors --preset vit-l-14
+    """
+    from ..converters.sample import write_sample
+
+    info = write_sample(output, layout, preset, dtype, seed, force=force)
+    click.echo(f"wrote {output}: {layout} sample, preset {preset} ({info['tensors']} tensors, "
+               f"heads {info['params']['heads']}, {info['params']['act']}), random weights, seed {seed}")

@@ -1,0 +1,1 @@
+"""The engine: registry, schema, transforms, detection, planning, execution and I/O."""

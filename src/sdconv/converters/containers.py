@@ -1,0 +1,332 @@
+"""Containers: how tensors are stored. Each source gives a lazy view `key -> (shape, dtype)`
+and loads a tensor's bytes only when asked; writers are atomic.
+
+- .safetensors: the header is parsed here (no torch needed); tensors come from `safe_open`.
+- .ckpt/.pt/.pth/.bin: torch zip pickles through `torch.load(weights_only=True, mmap=True)`,
+  so tensors stay on disk until read; `{"state_dict": ...}` nesting is unwrapped.
+- folders: every weight file at the root and one level down (diffusers components), keys of a
+  sub-folder prefixed with `<sub>/`; JSON files (config.json) are readable too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError, OutputError, UnsafeInputError
+
+SAFETENSORS_EXT = (".safetensors",)
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+# bytes per element for safetensors dtype codes
+DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# Weight files a folder may hold, in order of preference (variants such as model.fp16.* last).
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple
+    dtype: str                  # safetensors code: F32, F16, BF16, I64, ...
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * DTYPE_SIZE.get(self.dtype, 4)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+def torch_dtype_code(dt) -> str:
+    import torch
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL"}.get(dt, str(dt))
+
+
+class Source:
+    """A lazy tensor view over one file or folder."""
+    path: Path
+    is_folder = False
+
+    def keys(self) -> list[str]: ...
+    def info(self, key: str) -> TensorInfo: ...
+    def load(self, key: str): ...
+
+    def metadata(self) -> dict:
+        return {}
+
+    def read_json(self, rel: str) -> dict | None:
+        return None
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+
+class SafetensorsSource(Source):
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: not a safetensors file (only {size} bytes)",
+                                 "the file is empty or truncated; download it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise InputError(f"{path}: not a safetensors file (header length {n} does not fit in {size} bytes)",
+                                 "the file is truncated, or is not a checkpoint (an HTML page or a git-lfs pointer?)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            self._meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+            self._info = {k: TensorInfo(tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise InputError(f"{path}: not a safetensors file (invalid header: {e})",
+                             "the file is damaged or is not a checkpoint")
+        self._handle = None
+
+    def keys(self):
+        return list(self._info)
+
+    def info(self, key):
+        return self._info[key]
+
+    def load(self, key):
+        if self._handle is None:
+            from safetensors import safe_open
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        return self._handle.get_tensor(key)
+
+    def metadata(self):
+        return dict(self._meta)
+
+
+class PickleSource(Source):
+    def __init__(self, path: Path):
+        import pickle
+
+        import torch
+        self.path = path
+        if not zipfile.is_zipfile(path):
+            # legacy (pre-1.6) torch pickles cannot be memory-mapped; weights_only still applies
+            kwargs = {"mmap": False}
+        else:
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("/constants.pkl") or n.endswith("/code/") for n in z.namelist()):
+                    raise InputError(f"{path}: a TorchScript archive, which this version cannot read yet",
+                                     "convert it with a newer sdconv, or export its state_dict() to .safetensors")
+            kwargs = {"mmap": True}
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            msg = str(e)
+            if "Unsupported global" in msg or "unsupported GLOBAL" in msg or "weights_only" in msg.lower():
+                first = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "global" in ln), msg[:200])
+                raise UnsafeInputError(f"{path}: refused to unpickle: {first}",
+                                       "sdconv never runs code from a checkpoint; convert the file to .safetensors "
+                                       "with a tool you trust")
+            raise InputError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0][:200]})")
+        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
+            raise InputError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:200]})",
+                             "the file may be truncated or not a checkpoint at all")
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]     # Lightning / CompVis .ckpt nesting
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        self._t = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        self._info = {k: TensorInfo(tuple(v.shape), torch_dtype_code(v.dtype)) for k, v in self._t.items()}
+
+    def keys(self):
+        return list(self._info)
+
+    def info(self, key):
+        return self._info[key]
+
+    def load(self, key):
+        return self._t[key]
+
+
+class ShardedSource(Source):
+    """A transformers *.index.json: keys spread over several files."""
+
+    def __init__(self, index: Path):
+        self.path = index
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, OSError) as e:
+            raise InputError(f"{index}: unreadable shard index ({e})")
+        self._shards = {f: open_file(index.parent / f) for f in sorted(set(wm.values()))}
+        self._where = {k: self._shards[f] for k, f in wm.items()}
+
+    def keys(self):
+        return list(self._where)
+
+    def info(self, key):
+        return self._where[key].info(key)
+
+    def load(self, key):
+        return self._where[key].load(key)
+
+    def files(self):
+        return [p for s in self._shards.values() for p in s.files()]
+
+
+def _weights_in(d: Path) -> Path | None:
+    for name in FOLDER_WEIGHTS:
+        if (d / name).is_file():
+            return d / name
+    found = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in SAFETENSORS_EXT + PICKLE_EXT)
+    return found[0] if len(found) == 1 else None
+
+
+class FolderSource(Source):
+    is_folder = True
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._parts: dict[str, Source] = {}
+        root = _weights_in(path)
+        if root is not None:
+            self._parts[""] = open_file(root)
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            w = _weights_in(sub)
+            if w is not None:
+                self._parts[sub.name + "/"] = open_file(w)
+        if not self._parts:
+            raise InputError(f"{path}: a folder with no weight files",
+                             f"expected one of {', '.join(FOLDER_WEIGHTS[:3])} in it or in a sub-folder")
+        self._where = {}
+        for pre, src in self._parts.items():
+            for k in src.keys():
+                self._where[pre + k] = (src, k)
+
+    @property
+    def has_root_weights(self) -> bool:
+        return "" in self._parts
+
+    def keys(self):
+        return list(self._where)
+
+    def info(self, key):
+        src, k = self._where[key]
+        return src.info(k)
+
+    def load(self, key):
+        src, k = self._where[key]
+        return src.load(k)
+
+    def read_json(self, rel):
+        p = self.path / rel
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (ValueError, OSError) as e:
+            raise InputError(f"{p}: unreadable JSON ({e})")
+
+    def files(self):
+        return [p for s in self._parts.values() for p in s.files()]
+
+
+def open_file(path: Path) -> Source:
+    if path.suffix in SAFETENSORS_EXT:
+        return SafetensorsSource(path)
+    if path.suffix in PICKLE_EXT or path.suffix.endswith(".json"):
+        if path.name.endswith(".index.json"):
+            return ShardedSource(path)
+        return PickleSource(path)
+    raise InputError(f"{path}: unknown file type {path.suffix!r}",
+                     f"sdconv reads {', '.join(SAFETENSORS_EXT + PICKLE_EXT)} files and model folders")
+
+
+def open_source(path) -> Source:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return FolderSource(path)
+    return open_file(path)
+
+
+def sha256_of(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+def format_for(output: Path, fmt: str | None) -> str:
+    """--format wins; otherwise the output's suffix decides; safetensors by default."""
+    if fmt:
+        return fmt
+    return "pt" if Path(output).suffix in PICKLE_EXT else "safetensors"
+
+
+def dominant_dtype(tensors: dict):
+    """The float dtype most of the tensors have (what a config.json's torch_dtype states)."""
+    from collections import Counter
+    counts = Counter(t.dtype for t in tensors.values() if t.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = None):
+    import torch
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    else:
+        torch.save({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+class AtomicOutput:
+    """Build an output (file or folder) under a temporary name beside it, then rename it into
+    place; on any failure the temporary is removed and an existing output is left untouched."""
+
+    def __init__(self, final: Path, folder: bool, force: bool):
+        self.final, self.folder, self.force = Path(final), folder, force
+        if self.final.exists() and not force:
+            raise OutputError(f"{self.final} already exists", "pass --force to replace it")
+        parent = self.final.parent
+        if not parent.is_dir():
+            raise OutputError(f"{parent}: the output's folder does not exist", "create it first")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"{parent}: not writable")
+
+    def __enter__(self) -> Path:
+        d = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".sdconv-tmp", dir=self.final.parent)
+        self._tmpdir = Path(d)
+        self.tmp = self._tmpdir / "out" if self.folder else self._tmpdir / self.final.name
+        if self.folder:
+            self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                if self.final.is_dir() and not self.final.is_symlink():
+                    os.replace(self.final, self._tmpdir / "old")   # removed with the temporary
+                elif self.folder and self.final.exists():
+                    self.final.unlink()
+                os.replace(self.tmp, self.final)
+        finally:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        return False

@@ -1,0 +1,52 @@
+"""Typed errors. The engine raises these; the CLI turns each into one line and an exit code.
+
+Every message says what was wrong and how to fix it. Exit codes (documented in the README and
+in `sdconv --help`):
+  1 verification failed · 2 usage · 3 unreadable or malformed input · 4 refused as unsafe ·
+  5 layout: detection failed or ambiguous, or the file does not match --from ·
+  6 output refused (exists, or is the input)
+"""
+
+
+class SdconvError(Exception):
+    exit_code = 3
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(SdconvError):
+    exit_code = 2
+
+
+class InputError(SdconvError):
+    """The input cannot be read, or holds something the engine cannot use."""
+    exit_code = 3
+
+
+class UnsafeInputError(SdconvError):
+    exit_code = 4
+
+
+class LayoutError(SdconvError):
+    """No layout (or not the requested one) explains the file."""
+    exit_code = 5
+
+
+class OutputError(SdconvError):
+    exit_code = 6
+
+
+class MappingError(SdconvError):
+    """A mapping YAML file is malformed. Names the file and line."""
+    exit_code = 2
+
+    def __init__(self, path, line, message: str, hint: str | None = None):
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {message}", hint)
+        self.path, self.line = path, line

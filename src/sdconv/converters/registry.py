@@ -1,0 +1,95 @@
+"""The layout registry: finds mapping files, parses each one only when asked, validates the
+references between them (layout -> family, layout slot -> naming) and suggests close names.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import MappingError, UsageError
+from .schema import Family, Layout, Naming, parse_family, parse_layout, parse_naming
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "mappings"
+
+
+@dataclass(frozen=True)
+class ResolvedLayout:
+    layout: Layout
+    family: Family
+    namings: dict               # slot name -> Naming
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+
+class Registry:
+    def __init__(self, dirs=(BUILTIN_DIR,)):
+        self.dirs = tuple(Path(d) for d in dirs)
+
+    def _find(self, sub: str, name: str) -> Path | None:
+        for d in reversed(self.dirs):            # later folders override earlier ones
+            p = d / sub / f"{name}.yaml"
+            if p.is_file():
+                return p
+        return None
+
+    def layout_names(self) -> list[str]:
+        return sorted({p.stem for d in self.dirs for p in d.glob("*.yaml")})
+
+    @lru_cache(maxsize=None)
+    def family(self, name: str) -> Family:
+        p = self._find("family", name)
+        if p is None:
+            raise UsageError(f"unknown family {name!r}")
+        return parse_family(p)
+
+    @lru_cache(maxsize=None)
+    def naming(self, name: str, family: str) -> Naming:
+        p = self._find("naming", name)
+        if p is None:
+            raise UsageError(f"unknown naming table {name!r}")
+        return parse_naming(p, self.family(family))
+
+    @lru_cache(maxsize=None)
+    def layout(self, name: str) -> ResolvedLayout:
+        p = self._find("", name)
+        if p is None:
+            names = self.layout_names()
+            near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+            hint = (f"did you mean {near[0]!r}? " if near else "") + f"known layouts: {', '.join(names)}"
+            raise UsageError(f"unknown layout {name!r}", hint + " (see `sdconv layouts`)")
+        lay = parse_layout(p)
+        try:
+            fam = self.family(lay.family)
+        except UsageError:
+            raise MappingError(p, 0, f"unknown family {lay.family!r}")
+        namings = {}
+        for s in lay.slots.values():
+            if self._find("naming", s.naming) is None:
+                raise MappingError(p, 0, f"encoder {s.name}: unknown naming {s.naming!r}")
+            nm = namings[s.name] = self.naming(s.naming, lay.family)
+            optional = {t.name for t in fam.tensors if t.optional}
+            for o in s.omit:
+                if o not in optional:
+                    raise MappingError(p, 0, f"encoder {s.name}: omit lists {o!r}, which is not an optional "
+                                             f"canonical tensor", f"optional ones: {', '.join(sorted(optional))}")
+            for b in s.buffers:
+                if b not in nm.buffers:
+                    raise MappingError(p, 0, f"encoder {s.name}: naming {nm.name} has no buffer {b!r}")
+        return ResolvedLayout(lay, fam, namings)
+
+    def all_layouts(self):
+        """(name, ResolvedLayout or the MappingError that broke it): one bad file breaks only itself."""
+        out = []
+        for n in self.layout_names():
+            try:
+                out.append((n, self.layout(n)))
+            except MappingError as e:
+                out.append((n, e))
+        return out
+
+
+DEFAULT = Registry()

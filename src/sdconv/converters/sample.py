@@ -1,0 +1,86 @@
+"""Synthetic checkpoints with random weights and a layout's exact keys (`sdconv sample`).
+
+Canonical tensors are written through the same write plan as any conversion, so a sample is
+exactly what that layout looks like."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .containers import AtomicOutput, format_for
+from .errors import UsageError
+from .execute import DTYPES, run
+from .plan import LAYER, ReadOp, ReadPlan, _fill, plan_write
+from .registry import DEFAULT, Registry
+
+
+class _Memory:
+    """A Source over tensors held in memory."""
+
+    def __init__(self, tensors: dict):
+        self.t = tensors
+
+    def load(self, key):
+        return self.t[key]
+
+
+def canonical_sample(family, preset: dict, seed: int = 0) -> dict:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in family.tensors:
+        if "proj" in spec.shape and not preset.get("proj"):
+            continue
+        shape = [preset[s] if isinstance(s, str) else s for s in spec.shape]
+        names = [_fill(spec.name, i) for i in range(preset["layers"])] if LAYER in spec.name else [spec.name]
+        for n in names:
+            if n == "logit_scale":
+                out[n] = torch.tensor(4.6052)       # ln(100), a trained CLIP's value
+            else:
+                out[n] = torch.randn(shape, generator=g) * 0.02
+    return out
+
+
+def write_canonical(canon: dict, output, layout: str, params: dict, fmt: str | None = None, dtype: str = "keep",
+                    force: bool = False, extra: dict | None = None, metadata: dict | None = None,
+                    registry: Registry = DEFAULT):
+    """Write canonical tensors {canonical name: tensor} as `layout` at `output` (file or folder)."""
+    from .engine import write_output
+    from .plan import infer_arch
+
+    rl = registry.layout(layout)
+    shapes = {k: tuple(v.shape) for k, v in canon.items()}
+    layers = len({k.split(".")[1] for k in canon if k.count(".") >= 2 and k.split(".")[1].isdigit()})
+    arch = infer_arch(rl.family, shapes, layers)
+    arch.setdefault("proj", None)
+    slot = next(iter(rl.layout.slots.values()))
+    rp = ReadPlan(rl, slot, [ReadOp((c,), (c,), "rename", (c,)) for c in canon], shapes,
+                  {c: "F32" for c in canon}, layers, "")
+    rp._by_canonical = {op.canonical[0]: op for op in rp.ops}
+    ops, buffers, notes = plan_write(rl, slot, shapes, layers, "canonical tensors")
+    tensors = run(_Memory(canon), rp, ops, buffers, arch, dtype)
+    tensors.update(extra or {})
+    output = Path(output)
+    fmt = fmt or ("safetensors" if rl.layout.output == "folder" else format_for(output, None))
+    meta = {"format": "pt", "sdconv.params": json.dumps(params, sort_keys=True), **(metadata or {})}
+    with AtomicOutput(output, rl.layout.output == "folder", force) as tmp:
+        write_output(rl, slot, tensors, tmp, fmt, meta, arch, params)
+    return tensors
+
+
+def write_sample(output, layout: str = "ldm", preset: str = "tiny", dtype: str = "fp16", seed: int = 0,
+                 fmt: str | None = None, force: bool = False, registry: Registry = DEFAULT) -> dict:
+    import torch
+    rl = registry.layout(layout)
+    fam = rl.family
+    if preset not in fam.presets:
+        raise UsageError(f"unknown preset {preset!r}", f"choose one of {', '.join(fam.presets)}")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    p = fam.presets[preset]
+    g = torch.Generator().manual_seed(seed + 1)
+    cast = getattr(torch, DTYPES[dtype])
+    extra = {k: (torch.randn(s, generator=g) * 0.02).to(cast) for k, s in rl.layout.sample_extra.items()}
+    tensors = write_canonical(canonical_sample(fam, p, seed), output, layout, {k: p[k] for k in ("heads", "act")},
+                              fmt, dtype, force, extra, {"sdconv.sample": f"{layout}/{preset}/seed {seed}"}, registry)
+    return {"tensors": len(tensors), "preset": preset, "params": {k: p[k] for k in ("heads", "act")}}
