@@ -135,12 +135,15 @@ class PickleSource(Source):
             obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
         except pickle.UnpicklingError as e:
             msg = str(e)
-            if "Unsupported global" in msg or "unsupported GLOBAL" in msg or "weights_only" in msg.lower():
-                first = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "global" in ln), msg[:200])
-                raise UnsafeInputError(f"{path}: refused to unpickle: {first}",
+            # torch wraps the reason after "WeightsUnpickler error:"; a refused global is unsafe,
+            # anything else is a damaged or foreign file
+            reason = msg.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200] if msg else "?"
+            if "global" in reason.lower():
+                raise UnsafeInputError(f"{path}: refused to unpickle: {reason}",
                                        "sdconv never runs code from a checkpoint; convert the file to .safetensors "
                                        "with a tool you trust")
-            raise InputError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0][:200]})")
+            raise InputError(f"{path}: not a readable torch checkpoint ({reason})",
+                             "the file may be truncated, or not a checkpoint at all")
         except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
             raise InputError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:200]})",
                              "the file may be truncated or not a checkpoint at all")

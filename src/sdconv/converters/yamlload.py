@@ -28,7 +28,13 @@ class LineList(list):
     line: int = 0
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"}
+
+
 def _build(node, path):
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        raise MappingError(path, node.start_mark.line + 1, f"unsupported YAML tag {node.tag!r}",
+                           "mapping files hold plain mappings, lists, strings and numbers")
     if isinstance(node, yaml.MappingNode):
         out = LineDict()
         out.line, out.key_lines = node.start_mark.line + 1, {}

@@ -1,0 +1,54 @@
+"""Builders for tiny synthetic encoders (no consumer library needed)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from safetensors import safe_open
+
+from sdconv.converters.containers import open_source
+from sdconv.converters.registry import DEFAULT
+from sdconv.converters.sample import write_canonical
+
+LAYOUTS = ["ldm", "hf", "diffusers", "openai", "open_clip"]
+TINY = {"vocab": 49408, "context": 77, "width": 128, "ffn": 512, "layers": 2}
+
+
+def distinct_canonical(with_proj=True, with_logit_scale=True, seed=0, width=128, layers=2) -> dict:
+    return dict(_distinct_canonical(with_proj, with_logit_scale, seed, width, layers))
+
+
+@functools.lru_cache(maxsize=None)
+def _distinct_canonical(with_proj, with_logit_scale, seed, width, layers) -> dict:
+    """Canonical tensors in which every value in the whole encoder is distinct, so any mix-up
+    of tensors, rows or chunks changes some value."""
+    fam = DEFAULT.family("clip_text")
+    sizes = dict(TINY, width=width, ffn=4 * width, layers=layers, proj=width)
+    g = torch.Generator().manual_seed(seed)
+    out, offset = {}, 0
+    for spec in fam.tensors:
+        if spec.name == "text_proj.weight" and not with_proj:
+            continue
+        if spec.name == "logit_scale" and not with_logit_scale:
+            continue
+        shape = [sizes[s] if isinstance(s, str) else s for s in spec.shape]
+        names = [spec.name.replace("<layer>", str(i)) for i in range(layers)] if "<layer>" in spec.name else [spec.name]
+        for n in names:
+            numel = 1
+            for d in shape:
+                numel *= d
+            vals = (torch.randperm(numel, generator=g).double() + offset) * 1e-7 - 0.1
+            out[n] = vals.float().reshape(shape)
+            offset += numel
+    return out
+
+
+def write_layout(canon: dict, path, layout: str, fmt="safetensors", params=None):
+    write_canonical(canon, path, layout, params or {"heads": 2, "act": "quick_gelu"}, fmt=fmt)
+    return path
+
+
+def read_all(path) -> dict:
+    """Every tensor of a file or folder output, as {key: tensor} (folder keys with sub-folder)."""
+    src = open_source(path)
+    return {k: src.load(k).clone() for k in src.keys()}

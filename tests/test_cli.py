@@ -1,0 +1,219 @@
+"""The command line: help, listing, dry runs, and bad input (one line, exit code, nothing left)."""
+import hashlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from fixtures import distinct_canonical, write_layout
+from sdconv.cli import main
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd1")
+    p = d / "sd1.safetensors"
+    code, out = run("sample", p)
+    assert code == 0, out
+    return p
+
+
+def _sha(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.iterdir() if "sdconv-tmp" in p.name]
+
+
+def test_help_everywhere_has_examples():
+    for cmd in ([], ["convert"], ["layouts"], ["sample"]):
+        code, out = run(*cmd, "--help")
+        assert code == 0 and "Example" in out, cmd
+    assert "Exit codes" in run("--help")[1]
+
+
+def test_layouts_one_line_each():
+    code, out = run("layouts")
+    lines = out.strip().splitlines()
+    assert code == 0 and [ln.split()[0] for ln in lines] == ["diffusers", "hf", "ldm", "open_clip", "openai"]
+
+
+def test_dry_run_prints_plan_and_writes_nothing(sd1, tmp_path):
+    out = tmp_path / "x"
+    code, text = run("convert", sd1, "-o", out, "--to", "openai", "--dry-run")
+    assert code == 0, text
+    for needle in ("layout:  ldm (detected)", "rejected hf", "width 128, layers 2", "heads = 2",
+                   "act = quick_gelu", "transformer.resblocks.0.attn.in_proj_weight [inverse of split_qkv]",
+                   "bytes: read", "no text_proj.weight; none written", "nothing written"):
+        assert needle in text, needle
+    assert not out.exists()
+
+
+def test_convert_says_what_it_did(sd1, tmp_path):
+    code, text = run("convert", sd1, "-o", tmp_path / "o.safetensors", "--to", "openai")
+    assert code == 0 and "ldm (detected)" in text and "wrote" in text
+    assert "no text_proj.weight" in text     # SD1 has no projection, and the user is told
+
+
+def test_python_dash_m_works(sd1, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sdconv", "convert", str(sd1), "-o", str(tmp_path / "h"), "--to", "hf"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "h" / "config.json").is_file() and (tmp_path / "h" / "model.safetensors").is_file()
+
+
+def _assert_clean_error(code, text, want_code, *needles):
+    assert code == want_code, text
+    lines = [ln for ln in text.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("sdconv: error: "), text
+    assert "Traceback" not in text
+    for n in needles:
+        assert n in text, (n, text)
+
+
+def test_unknown_layout_suggests(sd1, tmp_path):
+    code, text = run("convert", sd1, "-o", tmp_path / "o", "--to", "opneai")
+    _assert_clean_error(code, text, 2, "unknown layout 'opneai'", "did you mean 'openai'")
+    code, text = run("convert", sd1, "-o", tmp_path / "o", "--to", "hf", "--from", "ldn")
+    _assert_clean_error(code, text, 2, "did you mean 'ldm'")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"<!DOCTYPE html><html>404</html>" * 3,
+                                     b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"])
+def test_not_a_checkpoint(tmp_path, content):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(content)
+    code, text = run("convert", bad, "-o", tmp_path / "o.safetensors", "--to", "openai")
+    _assert_clean_error(code, text, 3, "not a safetensors file")
+    assert not (tmp_path / "o.safetensors").exists() and not _leftovers(tmp_path)
+
+
+def test_garbage_ckpt(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    code, text = run("convert", bad, "-o", tmp_path / "o.safetensors", "--to", "openai")
+    _assert_clean_error(code, text, 3, "not a readable torch checkpoint")
+
+
+def test_checkpoint_without_text_encoder(tmp_path):
+    p = tmp_path / "unet.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(p))
+    code, text = run("convert", p, "-o", tmp_path / "o.safetensors", "--to", "openai")
+    _assert_clean_error(code, text, 5, "no CLIP text encoder found", "--from")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_from_does_not_match(sd1, tmp_path):
+    code, text = run("convert", sd1, "-o", tmp_path / "o.safetensors", "--to", "hf", "--from", "openai")
+    _assert_clean_error(code, text, 5, "--from openai", "it looks like ldm")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    src = write_layout(distinct_canonical(), tmp_path / "clip.safetensors", "openai")
+    before = _sha(src)
+    code, text = run("convert", src, "-o", src, "--to", "open_clip", "--force")
+    _assert_clean_error(code, text, 6, "is the input")
+    assert _sha(src) == before
+
+
+def test_existing_output_needs_force(sd1, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    code, text = run("convert", sd1, "-o", out, "--to", "openai")
+    _assert_clean_error(code, text, 6, "already exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    code, text = run("convert", sd1, "-o", out, "--to", "openai", "--force")
+    assert code == 0 and out.read_bytes() != b"keep me" and not _leftovers(tmp_path)
+
+
+def test_existing_folder_output_replaced_with_force(sd1, tmp_path):
+    out = tmp_path / "h"
+    assert run("convert", sd1, "-o", out, "--to", "hf")[0] == 0
+    (out / "stale.txt").write_text("old")
+    assert run("convert", sd1, "-o", out, "--to", "hf")[0] == 6
+    assert run("convert", sd1, "-o", out, "--to", "hf", "--force")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not _leftovers(tmp_path)
+
+
+def test_input_never_modified(sd1, tmp_path):
+    before = _sha(sd1)
+    for to in ("openai", "hf", "ldm"):
+        assert run("convert", sd1, "-o", tmp_path / to, "--to", to)[0] == 0
+    assert _sha(sd1) == before
+
+
+def test_bad_param(sd1, tmp_path):
+    code, text = run("convert", sd1, "-o", tmp_path / "o", "--to", "hf", "--param", "act=relu")
+    _assert_clean_error(code, text, 2, "unknown activation 'relu'")
+    code, text = run("convert", sd1, "-o", tmp_path / "o", "--to", "hf", "--param", "heads=3")
+    _assert_clean_error(code, text, 2, "does not divide width 128")
+    code, text = run("convert", sd1, "-o", tmp_path / "o", "--to", "hf", "--param", "heads")
+    assert code == 2 and "NAME=VALUE" in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_param_reaches_config(sd1, tmp_path):
+    import json
+    code, text = run("convert", sd1, "-o", tmp_path / "h", "--to", "hf", "--param", "act=gelu", "--param", "heads=4")
+    assert code == 0, text
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["hidden_act"] == "gelu" and cfg["num_attention_heads"] == 4
+    assert cfg["architectures"] == ["CLIPTextModel"] and cfg["eos_token_id"] == 2 and "projection_dim" not in cfg
+
+
+def test_hf_config_and_metadata(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    src = write_layout(distinct_canonical(), tmp_path / "clip.safetensors", "openai")
+    assert run("convert", src, "-o", tmp_path / "h", "--to", "hf")[0] == 0
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["architectures"] == ["CLIPTextModelWithProjection"] and cfg["projection_dim"] == 128
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]) == (128, 2, 512)
+    with safe_open(str(tmp_path / "h" / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["format"] == "pt" and meta["sdconv.from"] in ("openai", "open_clip") and meta["sdconv.to"] == "hf"
+    assert meta["sdconv.source"] == "clip.safetensors" and meta["sdconv.source_sha256"] == _sha(src)
+    assert all(k.startswith("text_model.") or k == "text_projection.weight" for k in keys)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = tmp_path / "evil.ckpt"
+    canon = write_layout(distinct_canonical(), tmp_path / "clip.safetensors", "ldm")
+    from fixtures import read_all
+    torch.save({"state_dict": read_all(canon), "callback": _Payload(marker)}, evil)
+    code, text = run("convert", evil, "-o", tmp_path / "o.safetensors", "--to", "openai")
+    _assert_clean_error(code, text, 4, "refused to unpickle", "system")
+    assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def test_ckpt_state_dict_nesting_and_extras(tmp_path):
+    from fixtures import read_all
+    canon = write_layout(distinct_canonical(), tmp_path / "clip.safetensors", "ldm")
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": read_all(canon), "global_step": 840000, "epoch": 6}, ckpt)
+    code, text = run("convert", ckpt, "-o", tmp_path / "o.safetensors", "--to", "openai")
+    assert code == 0 and "ldm (detected)" in text, text

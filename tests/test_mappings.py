@@ -1,0 +1,135 @@
+"""The mapping loader is strict and says where a file is wrong."""
+import shutil
+
+import pytest
+
+from sdconv.converters.errors import MappingError, UsageError
+from sdconv.converters.registry import BUILTIN_DIR, Registry
+
+GOOD = (BUILTIN_DIR / "openai.yaml").read_text()
+
+
+def _registry_with(tmp_path, name, text):
+    d = tmp_path / "maps"
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.yaml").write_text(text)
+    return Registry((BUILTIN_DIR, d)), d / f"{name}.yaml"
+
+
+def _line_of(text, needle):
+    return next(i for i, ln in enumerate(text.splitlines(), 1) if needle in ln)
+
+
+def test_builtin_layouts_all_load():
+    reg = Registry()
+    loaded = reg.all_layouts()
+    assert [n for n, _ in loaded] == ["diffusers", "hf", "ldm", "open_clip", "openai"]
+    assert all(not isinstance(rl, Exception) for _, rl in loaded)
+
+
+def test_duplicate_key_names_file_and_line(tmp_path):
+    text = GOOD.replace("name: openai", "name: mine") + "output: file\n"
+    reg, path = _registry_with(tmp_path, "mine", text)
+    with pytest.raises(MappingError) as e:
+        reg.layout("mine")
+    assert f"{path}:{len(text.splitlines())}" in str(e.value) and "duplicate key 'output'" in str(e.value)
+
+
+def test_unknown_field_suggests_nearest(tmp_path):
+    text = GOOD.replace("name: openai", "name: mine").replace("ignore:", "ignroe:")
+    reg, path = _registry_with(tmp_path, "mine", text)
+    with pytest.raises(MappingError) as e:
+        reg.layout("mine")
+    assert f"{path}:{_line_of(text, 'ignroe')}" in str(e.value)
+    assert "unknown field 'ignroe'" in str(e.value) and "did you mean 'ignore'" in str(e.value)
+
+
+def test_bad_template_in_naming(tmp_path):
+    d = tmp_path / "maps"
+    (d / "naming").mkdir(parents=True)
+    text = (BUILTIN_DIR / "naming" / "openai.yaml").read_text().replace(
+        "transformer.resblocks.<layer>.ln_1.weight", "transformer.resblocks.{layer}.ln_1.weight")
+    (d / "naming" / "openai.yaml").write_text(text)
+    reg = Registry((BUILTIN_DIR, d))
+    with pytest.raises(MappingError) as e:
+        reg.layout("openai")
+    assert f"openai.yaml:{_line_of(text, '{layer}')}" in str(e.value) and "bad template" in str(e.value)
+
+
+def test_unknown_transform_suggests(tmp_path):
+    d = tmp_path / "maps"
+    (d / "naming").mkdir(parents=True)
+    text = (BUILTIN_DIR / "naming" / "openai.yaml").read_text().replace("transform: transpose", "transform: transpos")
+    (d / "naming" / "openai.yaml").write_text(text)
+    with pytest.raises(MappingError) as e:
+        Registry((BUILTIN_DIR, d)).layout("open_clip")
+    assert "unknown transform 'transpos'" in str(e.value) and "did you mean 'transpose'" in str(e.value)
+
+
+def test_python_tags_are_refused(tmp_path):
+    text = GOOD.replace("name: openai", "name: mine").replace("description: ", "description: !!python/object/apply:os.system ['true'] #")
+    reg, path = _registry_with(tmp_path, "mine", text)
+    with pytest.raises(MappingError) as e:
+        reg.layout("mine")
+    assert str(path) in str(e.value)
+
+
+def test_name_must_match_file(tmp_path):
+    reg, path = _registry_with(tmp_path, "other", GOOD)
+    with pytest.raises(MappingError) as e:
+        reg.layout("other")
+    assert "differs from the file name" in str(e.value)
+
+
+def test_broken_file_breaks_only_itself(tmp_path):
+    reg, _ = _registry_with(tmp_path, "broken", "schema: 1\nkind: layout\nname: broken\n")
+    result = dict(reg.all_layouts())
+    assert isinstance(result["broken"], MappingError)
+    assert not isinstance(result["openai"], Exception)
+
+
+def test_unknown_layout_suggests_close_name():
+    with pytest.raises(UsageError) as e:
+        Registry().layout("opneai")
+    assert "did you mean 'openai'" in str(e.value)
+
+
+def test_missing_required_canonical(tmp_path):
+    d = tmp_path / "maps"
+    (d / "naming").mkdir(parents=True)
+    text = "\n".join(ln for ln in (BUILTIN_DIR / "naming" / "hf.yaml").read_text().splitlines()
+                     if "final_norm.bias" not in ln)
+    (d / "naming" / "hf.yaml").write_text(text)
+    with pytest.raises(MappingError) as e:
+        Registry((BUILTIN_DIR, d)).layout("hf")
+    assert "'final_norm.bias' is not mapped" in str(e.value)
+
+
+def test_user_layout_from_yaml_only(tmp_path):
+    """A new layout is a YAML file: here, an OpenAI-named encoder under a trainer's prefix."""
+    from fixtures import distinct_canonical, read_all, write_layout
+
+    import torch
+    from sdconv import convert
+    text = """schema: 1
+kind: layout
+name: mytrainer
+family: clip_text
+description: a trainer that nests the text tower
+output: file
+encoders:
+  clip:
+    prefix: te.
+    naming: openai
+"""
+    reg, _ = _registry_with(tmp_path, "mytrainer", text)
+    canon = distinct_canonical()
+    src = tmp_path / "a.safetensors"
+    from sdconv.converters.sample import write_canonical
+    write_canonical(canon, src, "mytrainer", {"heads": 2, "act": "quick_gelu"}, registry=reg)
+    assert all(k.startswith("te.") for k in read_all(src))
+    out = tmp_path / "b.safetensors"
+    convert(src, out, to="open_clip", registry=reg)
+    ref = write_layout(canon, tmp_path / "ref.safetensors", "open_clip")
+    a, b = read_all(out), read_all(ref)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
