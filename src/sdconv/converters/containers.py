@@ -116,6 +116,18 @@ class SafetensorsSource(Source):
         return dict(self._meta)
 
 
+_UNSAFE_HINT = ("sdconv never runs code from a checkpoint; convert the file to .safetensors with a tool you "
+                "trust")
+
+
+def _unpickling_reason(msg: str) -> str:
+    """The informative line of torch's weights_only error (it wraps it in boilerplate)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in msg.split("WeightsUnpickler error:")[-1].splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith(boiler)]
+    return (useful[0] if useful else msg.splitlines()[0] if msg else "unknown error")[:200]
+
+
 class PickleSource(Source):
     def __init__(self, path: Path):
         import pickle
@@ -131,17 +143,20 @@ class PickleSource(Source):
                     raise InputError(f"{path}: a TorchScript archive, which this version cannot read yet",
                                      "convert it with a newer sdconv, or export its state_dict() to .safetensors")
             kwargs = {"mmap": True}
+            try:    # name the globals a pickle would import, without running anything
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:       # damaged archives: torch.load below reports them
+                unsafe = []
+            if unsafe:
+                raise UnsafeInputError(f"{path}: refused to unpickle: it imports {', '.join(unsafe[:3])}"
+                                       f"{' and more' if len(unsafe) > 3 else ''}, which could run code", _UNSAFE_HINT)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
         except pickle.UnpicklingError as e:
-            msg = str(e)
-            # torch wraps the reason after "WeightsUnpickler error:"; a refused global is unsafe,
-            # anything else is a damaged or foreign file
-            reason = msg.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200] if msg else "?"
+            reason = _unpickling_reason(str(e))
+            # a refused global is unsafe; anything else is a damaged or foreign file
             if "global" in reason.lower():
-                raise UnsafeInputError(f"{path}: refused to unpickle: {reason}",
-                                       "sdconv never runs code from a checkpoint; convert the file to .safetensors "
-                                       "with a tool you trust")
+                raise UnsafeInputError(f"{path}: refused to unpickle: {reason}", _UNSAFE_HINT)
             raise InputError(f"{path}: not a readable torch checkpoint ({reason})",
                              "the file may be truncated, or not a checkpoint at all")
         except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
