@@ -16,6 +16,7 @@ Conventions
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -133,21 +134,35 @@ def open_clip_cfgs():
     return vcfg, tcfg
 
 
+_TEMPLATES: dict = {}
+
+
+def _fresh(key, build):
+    """A fresh copy of a library model; the (slow) random init runs once per key."""
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = build()
+    return copy.deepcopy(_TEMPLATES[key])
+
+
 def open_clip_model(act: str, custom_text: bool = False):
     from open_clip.model import CLIP, CustomTextCLIP
 
-    vcfg, tcfg = open_clip_cfgs()
-    cls = CustomTextCLIP if custom_text else CLIP
-    return cls(PROJ, vcfg, tcfg, quick_gelu=(act == "quick_gelu")).eval()
+    def build():
+        vcfg, tcfg = open_clip_cfgs()
+        cls = CustomTextCLIP if custom_text else CLIP
+        return cls(PROJ, vcfg, tcfg, quick_gelu=(act == "quick_gelu")).eval()
+
+    return _fresh(("open_clip", act, custom_text), build)
 
 
 def openai_model():
     """OpenAI clip (QuickGELU hard-coded)."""
     from clip.model import CLIP
 
-    return CLIP(embed_dim=PROJ, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
-                context_length=CONTEXT, vocab_size=VOCAB, transformer_width=WIDTH,
-                transformer_heads=HEADS, transformer_layers=LAYERS).eval()
+    return _fresh(("openai",), lambda: CLIP(
+        embed_dim=PROJ, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+        context_length=CONTEXT, vocab_size=VOCAB, transformer_width=WIDTH,
+        transformer_heads=HEADS, transformer_layers=LAYERS).eval())
 
 
 def open_clip_json_cfg(act: str) -> dict:
@@ -551,10 +566,16 @@ def assemble_pipeline(template_dir: Path, text_encoder_dir: Path, dest: Path) ->
 
 
 def diffusers_encode_prompt(pipeline_dir, prompt: str = PROMPT):
-    """``StableDiffusionPipeline.from_pretrained`` + ``encode_prompt``; returns (embeds, ids)."""
+    """``StableDiffusionPipeline.from_pretrained`` + ``encode_prompt``; returns (embeds, ids, pipe).
+
+    The tokenizer (identical to the one saved in the folder) is passed in memory only because
+    parsing its 49408-entry BPE json costs ~0.4 s per load; every other component, the text
+    encoder included, is read from ``pipeline_dir``.
+    """
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True,
+                                                   tokenizer=clip_tokenizer())
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():

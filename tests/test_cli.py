@@ -217,3 +217,33 @@ def test_ckpt_state_dict_nesting_and_extras(tmp_path):
     torch.save({"state_dict": read_all(canon), "global_step": 840000, "epoch": 6}, ckpt)
     code, text = run("convert", ckpt, "-o", tmp_path / "o.safetensors", "--to", "openai")
     assert code == 0 and "ldm (detected)" in text, text
+
+
+def test_outputs_get_ordinary_permissions(sd1, tmp_path):
+    import os
+    import stat
+    mask = os.umask(0o022)
+    try:
+        assert run("convert", sd1, "-o", tmp_path / "o.safetensors", "--to", "openai")[0] == 0
+        assert run("convert", sd1, "-o", tmp_path / "h", "--to", "hf")[0] == 0
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "o.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "h").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "h" / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_progress_protocol(sd1, tmp_path):
+    from sdconv import convert
+
+    class Bar:
+        total, n = None, 0
+
+        def reset(self, total):
+            self.total = total
+
+        def update(self, n):
+            self.n += n
+    bar = Bar()
+    r = convert(sd1, tmp_path / "o.safetensors", to="openai", progress=bar)
+    assert bar.total == r.plan.bytes_to_write and 0 < bar.n <= bar.total

@@ -173,9 +173,10 @@ def test_convert_matrix(world, tmp_path, source, target, kind):
     check_target(target, out, ref, src, tmp_path)
 
 
-# Source variants (other containers / key spellings of the same layout) into every target.
+# Source variants (other containers / key spellings of the same layout): the reading side, so one
+# folder target and one flat-file target suffice (the writers are covered by the matrix above).
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", ("hf", "open_clip"))
 @pytest.mark.parametrize("source", VARIANT_SOURCES)
 def test_convert_variants(world, tmp_path, source, target, kind):
     ref = world["refs"][kind]

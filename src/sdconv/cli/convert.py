@@ -59,7 +59,7 @@ def convert(input, output, to, from_, fmt, dtype, params, force, dry_run, quiet)
         from tqdm import tqdm
         bar = tqdm(unit="B", unit_scale=True, desc="converting", leave=False, delay=1.0)
     try:
-        res = run_convert(input, output, force=force, progress=bar.update if bar else None, **kw)
+        res = run_convert(input, output, force=force, progress=bar, **kw)
     finally:
         if bar:
             bar.close()

@@ -315,6 +315,15 @@ def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = No
         torch.save({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
+def _ordinary_permissions(path: Path):
+    """Temporary files are private (0600/0700); the output gets what a plain open() would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 class AtomicOutput:
     """Build an output (file or folder) under a temporary name beside it, then rename it into
     place; on any failure the temporary is removed and an existing output is left untouched."""
@@ -340,6 +349,7 @@ class AtomicOutput:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
+                _ordinary_permissions(self.tmp)
                 if self.final.is_dir() and not self.final.is_symlink():
                     os.replace(self.final, self._tmpdir / "old")   # removed with the temporary
                 elif self.folder and self.final.exists():

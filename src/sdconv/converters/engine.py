@@ -201,14 +201,19 @@ class Result:
 
 def convert(input, output, to: str, from_: str | None = None, params=None, fmt: str | None = None,
             dtype: str = "keep", force: bool = False, registry: Registry = DEFAULT, progress=None) -> Result:
-    """Convert the text encoder in `input` to layout `to`, written at `output` atomically."""
+    """Convert the text encoder in `input` to layout `to`, written at `output` atomically.
+
+    `progress`, if given, is a tqdm-like bar: reset(total=bytes) once, then update(bytes)."""
     output = Path(output)
     plan = make_plan(input, to, from_, params, fmt, dtype, output, registry)
     _check_output(plan, output)
     folder = plan.target.layout.output == "folder"
     with AtomicOutput(output, folder, force) as tmp:      # refuses an existing output early
         sha = sha256_of(plan.source.files())
-        tensors = run(plan.source, plan.read, plan.ops, plan.buffers, plan.arch, plan.dtype, progress)
+        if progress is not None:
+            progress.reset(total=plan.bytes_to_write)
+        tensors = run(plan.source, plan.read, plan.ops, plan.buffers, plan.arch, plan.dtype,
+                      progress.update if progress is not None else None)
         meta = _metadata(plan, sha)
         files = write_output(plan.target, plan.target_slot, tensors, tmp, plan.fmt, meta, plan.arch, plan.params)
     return Result(plan, output, [output / f.relative_to(tmp) if folder else output for f in files], sha)
