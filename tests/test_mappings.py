@@ -133,3 +133,15 @@ encoders:
     ref = write_layout(canon, tmp_path / "ref.safetensors", "open_clip")
     a, b = read_all(out), read_all(ref)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_mapping_file_is_package_data():
+    """A wheel must ship every built-in mapping file (pyproject package-data globs)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sdconv.mappings"]
+    for p in BUILTIN_DIR.rglob("*.yaml"):
+        rel = p.relative_to(BUILTIN_DIR).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel
