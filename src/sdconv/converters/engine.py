@@ -153,7 +153,6 @@ def make_plan(input, to: str, from_: str | None = None, params=None, fmt: str | 
         rp, verdicts = detect(source, registry)
     where = f"{source.path} ({rp.layout.name}): "
     arch = infer_arch(rp.layout.family, rp.shapes, rp.layers, where)
-    arch.setdefault("proj", None)
     from_input, origin, cfg_notes = _input_params(source, rp, arch)
     pr, po = resolve_params(rp.layout.family, rp.slot, arch, given, from_input, origin)
     if target.family.name != rp.layout.family.name:

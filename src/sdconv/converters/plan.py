@@ -195,6 +195,13 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot) -> ReadPlan:
 
 # ---------------------------------------------------------------- architecture
 
+def count_layers(family: Family, names) -> int:
+    """Layers among canonical names, by the family's <layer> templates."""
+    pats = [_pattern(t.name) for t in family.tensors if LAYER in t.name]
+    found = {int(m.group(1)) for n in names for p in pats if (m := p.fullmatch(n))}
+    return len(found)
+
+
 def infer_arch(family: Family, shapes: dict, layers: int, where: str = "") -> dict:
     """Bind the family's shape symbols from the canonical shapes; every tensor must agree."""
     arch: dict = {"layers": layers}
@@ -217,6 +224,10 @@ def infer_arch(family: Family, shapes: dict, layers: int, where: str = "") -> di
                 elif arch[sym] != n:
                     raise InputError(f"{where}{name} has shape {list(shape)}: {sym} = {n}, but {bound_by[sym]} "
                                      f"says {sym} = {arch[sym]}", "the file mixes tensors of different models")
+    for spec in family.tensors:       # symbols of absent optional tensors (e.g. no projection)
+        for sym in spec.shape:
+            if isinstance(sym, str):
+                arch.setdefault(sym, None)
     return arch
 
 

@@ -29,15 +29,13 @@ def canonical_sample(family, preset: dict, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for spec in family.tensors:
-        if "proj" in spec.shape and not preset.get("proj"):
+        if any(isinstance(s, str) and not preset.get(s) for s in spec.shape):   # e.g. no projection
             continue
         shape = [preset[s] if isinstance(s, str) else s for s in spec.shape]
         names = [_fill(spec.name, i) for i in range(preset["layers"])] if LAYER in spec.name else [spec.name]
         for n in names:
-            if n == "logit_scale":
-                out[n] = torch.tensor(4.6052)       # ln(100), a trained CLIP's value
-            else:
-                out[n] = torch.randn(shape, generator=g) * 0.02
+            out[n] = (torch.full(shape, float(spec.sample)) if spec.sample is not None
+                      else torch.randn(shape, generator=g) * 0.02)
     return out
 
 
@@ -46,13 +44,12 @@ def write_canonical(canon: dict, output, layout: str, params: dict, fmt: str | N
                     registry: Registry = DEFAULT):
     """Write canonical tensors {canonical name: tensor} as `layout` at `output` (file or folder)."""
     from .engine import write_output
-    from .plan import infer_arch
+    from .plan import count_layers, infer_arch
 
     rl = registry.layout(layout)
     shapes = {k: tuple(v.shape) for k, v in canon.items()}
-    layers = len({k.split(".")[1] for k in canon if k.count(".") >= 2 and k.split(".")[1].isdigit()})
+    layers = count_layers(rl.family, canon)
     arch = infer_arch(rl.family, shapes, layers)
-    arch.setdefault("proj", None)
     slot = next(iter(rl.layout.slots.values()))
     rp = ReadPlan(rl, slot, [ReadOp((c,), (c,), "rename", (c,)) for c in canon], shapes,
                   {c: "F32" for c in canon}, layers, "")

@@ -31,6 +31,7 @@ class TensorSpec:
     name: str                   # canonical template, may hold <layer>
     shape: tuple                # symbols (str) or ints
     optional: bool = False
+    sample: float | None = None   # fixed value for synthetic samples (else random)
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,9 @@ def parse_family(path) -> Family:
         line = d["tensors"].line_of(tname)
         _template(tname, path, line, "tensors")
         if isinstance(v, dict):
-            _fields(v, path, {"shape": True, "optional": False}, f"tensor {tname}")
-            tensors.append(TensorSpec(tname, _shape(v["shape"], path, line, tname), bool(v.get("optional", False))))
+            _fields(v, path, {"shape": True, "optional": False, "sample": False}, f"tensor {tname}")
+            tensors.append(TensorSpec(tname, _shape(v["shape"], path, line, tname), bool(v.get("optional", False)),
+                                      v.get("sample")))
         else:
             tensors.append(TensorSpec(tname, _shape(v, path, line, tname)))
     buffers = {}
