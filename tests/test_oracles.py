@@ -7,6 +7,7 @@ kind hold the same weights and share one set of expected outputs.
 """
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -24,6 +25,9 @@ MAIN_SOURCES = ("openai_pt", "open_clip", "ldm_ckpt", "hf", "diffusers")
 VARIANT_SOURCES = ("openai_st", "open_clip_custom", "ldm_st", "ldm_nai", "hf_v5", "hf_file", "hf_v5_file",
                    "diffusers_te")
 ALL_SOURCES = MAIN_SOURCES + VARIANT_SOURCES
+
+
+oc_names: dict = {}  # kind -> open_clip model name registered with add_model_config (set by `world`)
 
 
 def sdconv_api():
@@ -45,6 +49,7 @@ def world(tmp_path_factory):
         C.write_sources(ref, root / kind)
         refs[kind] = ref
     names = {kind: C.register_open_clip_config(C.ACTS[kind], root) for kind in KINDS}
+    oc_names.update(names)
     return {"root": root, "refs": refs, "oc_names": names}
 
 
@@ -109,6 +114,13 @@ def check_target(target: str, out: Path, ref: C.Reference, src: C.Source, tmp: P
         if src.has_logit_scale:
             assert float(sd["logit_scale"]) == pytest.approx(float(ref.logit_scale))
         C.compare(C.load_open_clip(out, ref.act, has_proj, src.has_logit_scale).forward(ids), exp, label + " open_clip")
+        if target == "open_clip":
+            # the local named-config route (add_model_config + create_model) and CustomTextCLIP
+            C.compare(C.load_open_clip(out, ref.act, has_proj, src.has_logit_scale,
+                                       via_named_config=oc_names[ref.kind]).forward(ids), exp, label + " named cfg")
+            if has_proj:  # open_clip moves a flat dict under "text." only when it has text_projection
+                C.compare(C.load_open_clip(out, ref.act, has_proj, src.has_logit_scale, custom_text=True)
+                          .forward(ids), exp, label + " CustomTextCLIP")
         if ref.act == "quick_gelu":  # OpenAI clip hard-codes QuickGELU
             C.compare(C.load_openai_clip(out, has_proj, src.has_logit_scale).forward(ids), exp, label + " clip")
     elif target == "ldm":
@@ -173,10 +185,9 @@ def test_convert_matrix(world, tmp_path, source, target, kind):
     check_target(target, out, ref, src, tmp_path)
 
 
-# Source variants (other containers / key spellings of the same layout): the reading side, so one
-# folder target and one flat-file target suffice (the writers are covered by the matrix above).
+# Source variants (other containers / key spellings of the same layout) into every target.
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("target", ("hf", "open_clip"))
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("source", VARIANT_SOURCES)
 def test_convert_variants(world, tmp_path, source, target, kind):
     ref = world["refs"][kind]
@@ -377,3 +388,160 @@ def test_negative_wrong_activation(world, tmp_path, kind):
     oc = run_convert(ref.sources["hf"], "open_clip", tmp_path, kind)
     with pytest.raises(AssertionError, match="last_hidden"):
         C.compare(C.load_open_clip(oc, wrong, True, False).forward(ref.ids), ref.expected, "wrong act oc")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Round trips are bitwise: A -> B -> A gives back the source's text tensors
+# --------------------------------------------------------------------------------------------
+def _text_tensors(path: Path, layout: str) -> dict:
+    """The text tensors of a source or output, keyed by the layout's own names (prefix-normalised)."""
+    if layout in ("hf", "diffusers"):
+        p = Path(path)
+        if p.is_dir():
+            if layout == "diffusers" and (p / "text_encoder").is_dir():
+                p = p / "text_encoder"
+            p = p / "model.safetensors" if (p / "model.safetensors").exists() else p / "pytorch_model.bin"
+        sd = C.read_state_dict(p)
+        return {(k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k): v
+                for k, v in sd.items()}
+    sd = C.read_state_dict(path)
+    if layout == "ldm":
+        return {k: v for k, v in sd.items() if k.startswith(C.LDM_PREFIX)}
+    return {k: v for k, v in sd.items() if not k.startswith("visual.")}
+
+
+@pytest.mark.parametrize("source,via", [("openai_pt", "hf"), ("open_clip", "diffusers"), ("ldm_ckpt", "hf"),
+                                        ("hf", "openai"), ("diffusers", "ldm"), ("ldm_st", "open_clip")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_roundtrip_bitwise(world, tmp_path, source, via, kind):
+    ref = world["refs"][kind]
+    src = ref.sources[source]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mid = run_convert(src, via, tmp_path / "a", kind)
+    mid_src = C.Source("mid", via, mid, src.has_proj and via != "ldm", False, via in ("hf", "diffusers"))
+    back = run_convert(mid_src, src.layout, tmp_path / "b", kind)
+    a, b = _text_tensors(src.path, src.layout), _text_tensors(back, src.layout)
+    lost = set()
+    if not mid_src.has_proj:
+        lost |= {"text_projection", "text_projection.weight"}
+    if src.layout in ("openai", "open_clip"):
+        lost.add("logit_scale")  # only openai/open_clip carry it; a hop through another layout drops it
+    assert set(b) == set(a) - lost, f"extra {sorted(set(b) - set(a))} missing {sorted(set(a) - lost - set(b))}"
+    for k in b:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Output refusal (CLI help: exit 6 "output refused (exists without --force, or is the input)")
+# --------------------------------------------------------------------------------------------
+def test_existing_output_refused_without_force(world, tmp_path):
+    _, SdconvError = sdconv_api()
+    ref = world["refs"]["L"]
+    out = run_convert(ref.sources["openai_st"], "open_clip", tmp_path, "L")
+    before = out.read_bytes()
+    with pytest.raises(SdconvError):
+        run_convert(ref.sources["hf"], "open_clip", tmp_path, "L")
+    assert out.read_bytes() == before
+    copy_in = tmp_path / "in.safetensors"
+    copy_in.write_bytes(ref.sources["openai_st"].path.read_bytes())
+    convert, _ = sdconv_api()
+    with pytest.raises(SdconvError):
+        convert(str(copy_in), str(copy_in), to="openai", from_="openai", force=True)
+    assert copy_in.read_bytes() == ref.sources["openai_st"].path.read_bytes()
+
+
+def test_cli_exit_codes(world, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    save_file({"foo.weight": torch.zeros(3, 3)}, str(junk))
+    r = subprocess.run([sys.executable, "-m", "sdconv", "convert", str(junk), "-o", str(tmp_path / "o"),
+                        "--to", "hf"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 5, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Other inputs within the contract
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ("openai", "hf", "diffusers"))
+def test_pt_outputs_read_back(world, tmp_path, target):
+    """A .pt-format output is itself a valid input of its layout (hf: pytorch_model.bin folder)."""
+    ref = world["refs"]["L"]
+    src = ref.sources["open_clip"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mid = run_convert(src, target, tmp_path / "a", "L", fmt="pt")
+    mid_src = C.Source("pt_" + target, target, mid, True, target == "openai", target != "openai")
+    out = run_convert(mid_src, "open_clip", tmp_path / "b", "L", from_=None)
+    check_target("open_clip", out, ref, mid_src, tmp_path)
+
+
+def test_hf_folder_without_config(world, tmp_path):
+    ref = world["refs"]["G"]
+    d = tmp_path / "noconfig"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((ref.sources["hf"].path / "model.safetensors").read_bytes())
+    src = C.Source("hf_noconfig", "hf", d, True, False, False)
+    out = run_convert(src, "openai", tmp_path, "G")  # act=gelu passed: nothing in the input says so
+    check_target("openai", out, ref, src, tmp_path)
+
+
+def test_open_clip_nonscalar_logit_scale(world, tmp_path):
+    ref = world["refs"]["L"]
+    sd = C.read_state_dict(ref.sources["open_clip"].path)
+    sd["logit_scale"] = sd["logit_scale"].reshape(1)  # open_clip nonscalar_logit_scale=True
+    f = tmp_path / "oc_ls1.safetensors"
+    C.write_state_dict(sd, f)
+    src = C.Source("oc_ls1", "open_clip", f, True, True, False)
+    out = run_convert(src, "openai", tmp_path, "L", from_=None)
+    check_target("openai", out, ref, src, tmp_path)
+
+
+def test_openai_mixed_fp16_source(world, tmp_path):
+    """OpenAI releases are mixed fp16/fp32 (clip.model.convert_weights); read per-tensor dtypes."""
+    import clip.model
+
+    ref = world["refs"]["L"]
+    om = C.openai_model()
+    om.load_state_dict(C.read_state_dict(ref.sources["openai_pt"].path))
+    clip.model.convert_weights(om)
+    sd = om.state_dict()
+    assert {v.dtype for v in sd.values()} == {torch.float16, torch.float32}
+    f = tmp_path / "openai_mixed.pt"
+    torch.save(sd, str(f))
+    # expected outputs: the same mixed weights upcast to fp32 in OpenAI's own model
+    om32 = C.openai_model()
+    om32.load_state_dict({k: v.float() for k, v in sd.items()})
+    expected = C._hooked_forward(om32, ref.ids, True)
+    src = C.Source("openai_mixed", "openai", f, True, True, False)
+    out = run_convert(src, "hf", tmp_path, "L")
+    from transformers import CLIPTextModelWithProjection
+
+    m = CLIPTextModelWithProjection.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        o = m(input_ids=ref.ids)
+    got = (o.last_hidden_state, C.pooled_at_argmax(o.last_hidden_state, ref.ids), o.text_embeds)
+    C.compare(got, expected, "mixed fp16 openai -> hf")
+    back = C.read_state_dict(out / "model.safetensors")  # dtype "keep": the fp16 tensors stay fp16
+    assert back["text_model.encoder.layers.0.self_attn.q_proj.weight"].dtype == torch.float16
+    assert back["text_model.embeddings.token_embedding.weight"].dtype == torch.float32
+
+
+def test_cli_dtype_fp16(world, tmp_path):
+    """`--dtype fp16` (CLI): compare with the reference whose weights were rounded to fp16 first."""
+    ref = world["refs"]["L"]
+    out = tmp_path / "hf16"
+    r = subprocess.run([sys.executable, "-m", "sdconv", "convert", str(ref.sources["ldm_st"].path), "-o", str(out),
+                        "--to", "hf", "--dtype", "fp16", "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sd = C.read_state_dict(out / "model.safetensors")
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    from transformers import CLIPTextModel
+
+    m, info = CLIPTextModel.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    r16 = copy.deepcopy(ref.model)
+    r16.load_state_dict({k: v.half().float() for k, v in ref.hf_sd.items()}, strict=False)
+    with torch.no_grad():
+        got, exp = m.eval()(input_ids=ref.ids).last_hidden_state, r16(input_ids=ref.ids).last_hidden_state
+    torch.testing.assert_close(got, exp, atol=C.ATOL, rtol=0)
