@@ -247,3 +247,37 @@ def test_progress_protocol(sd1, tmp_path):
     bar = Bar()
     r = convert(sd1, tmp_path / "o.safetensors", to="openai", progress=bar)
     assert bar.total == r.plan.bytes_to_write and 0 < bar.n <= bar.total
+
+
+def test_own_safetensors_writer_matches_the_library(tmp_path):
+    """Our writer (no numpy needed) gives files the safetensors library reads back exactly."""
+    from safetensors.torch import load_file
+
+    from sdconv.converters.containers import write_safetensors
+    ts = {"b": torch.randn(3, 5).half(), "a": torch.arange(7), "c": torch.randn(2, 2).to(torch.bfloat16),
+          "s": torch.tensor(4.5), "e": torch.zeros(0, 4)}
+    write_safetensors(ts, tmp_path / "x.safetensors", {"format": "pt", "k": "v"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) and back[k].dtype == ts[k].dtype for k in ts)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+
+
+def test_runs_without_numpy(tmp_path):
+    """numpy is not a run-time dependency: a conversion must work with it blocked."""
+    code = f"""
+import sys
+sys.modules['numpy'] = None          # import numpy -> ImportError
+from sdconv.cli import main
+sys.argv = ['sdconv', 'sample', '{tmp_path / 's.safetensors'}']
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+sys.argv = ['sdconv', 'convert', '{tmp_path / 's.safetensors'}', '-o', '{tmp_path / 'h'}', '--to', 'hf']
+main()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "h" / "model.safetensors").is_file()

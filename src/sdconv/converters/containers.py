@@ -306,11 +306,43 @@ def dominant_dtype(tensors: dict):
     return counts.most_common(1)[0][0] if counts else None
 
 
+def _raw_bytes(t):
+    """A contiguous CPU tensor's bytes as a zero-copy buffer (no numpy needed)."""
+    import ctypes
+    n = t.numel() * t.element_size()
+    return (ctypes.c_char * n).from_address(t.data_ptr()) if n else b""
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict | None = None):
+    """Write the safetensors format directly: an 8-byte little-endian header length, a JSON
+    header (tensor offsets, `__metadata__`), then each tensor's bytes in key order.
+    safetensors' own save_file needs numpy, which sdconv does not depend on."""
+    import sys
+    if sys.byteorder != "little":   # pragma: no cover
+        raise OutputError("writing safetensors needs a little-endian machine")
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    order = sorted(tensors)
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": torch_dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)          # the format aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:
+            f.write(_raw_bytes(tensors[k].contiguous()))
+
+
 def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = None):
     import torch
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        write_safetensors(tensors, path, metadata)
     else:
         torch.save({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
