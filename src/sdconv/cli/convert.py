@@ -29,10 +29,13 @@ def _params(values) -> dict:
               help="Float dtype of the output tensors (integer buffers stay int64).")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Override what the weights cannot say: heads=N, act=quick_gelu|gelu. Repeatable.")
+@click.option("--encoder", default=None, metavar="NAME|all",
+              help="Which encoder of a checkpoint that holds several (SDXL: clip_l, clip_g), or all. With all, a "
+                   "layout that holds one encoder gets one output each: OUTPUT's name + .<encoder> before the suffix.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layout, architecture, every tensor) and write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def convert(input, output, to, from_, fmt, dtype, params, force, dry_run, quiet):
+def convert(input, output, to, from_, fmt, dtype, params, encoder, force, dry_run, quiet):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
     INPUT is a .safetensors, .ckpt/.pt/.pth/.bin file, or a model folder. Folder layouts
@@ -45,13 +48,18 @@ def convert(input, output, to, from_, fmt, dtype, params, force, dry_run, quiet)
       sdconv convert clip-l-hf -o clip-l.pt --to open_clip --format pt
       sdconv convert openclip-h.bin -o h --to hf --param act=gelu
       sdconv convert v1-5.safetensors -o x --to hf --dry-run
+      sdconv convert sdxl.safetensors -o te --to diffusers --encoder all
+      sdconv convert sdxl.safetensors -o g.safetensors --to open_clip --encoder clip_g
+      sdconv convert sdxl.safetensors -o clip.safetensors --to openai --encoder all
+                                   (writes clip.clip_l.safetensors and clip.clip_g.safetensors)
     """
-    from ..converters.engine import convert as run_convert, make_plan
+    from ..converters.engine import convert as run_convert, make_plans
 
-    kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype)
+    kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype,
+              encoder=encoder)
     if dry_run:
-        plan = make_plan(input, output=output, **kw)
-        click.echo(plan.describe())
+        for plan in make_plans(input, output=output, **kw):
+            click.echo(plan.describe())
         click.echo("dry run: nothing written")
         return
     bar = None
@@ -65,11 +73,14 @@ def convert(input, output, to, from_, fmt, dtype, params, force, dry_run, quiet)
             bar.close()
     if quiet:
         return
-    p = res.plan
-    how = "detected" if p.verdicts is not None else "--from"
-    n = len(p.ops) + len(p.buffers)
-    click.echo(f"{input}: {p.read.layout.name} ({how}); width {p.arch['width']}, {p.arch['layers']} layers, "
-               f"heads {p.params['heads']}, {p.params['act']}, projection {p.arch.get('proj') or 'none'}")
-    for note in p.read.notes + p.notes:
-        click.echo(f"  note: {note}")
-    click.echo(f"wrote {res.output} ({p.target.name}, {p.fmt}, {n} tensors, {p.bytes_to_write / 1e6:.1f} MB)")
+    how = "detected" if res.plan.verdicts is not None else "--from"
+    click.echo(f"{input}: {res.plan.read.layout.name} ({how})")
+    for p in res.plans:
+        for e in p.encoders:
+            a = e.arch
+            click.echo(f"  {e.identity}: width {a['width']}, {a['layers']} layers, heads {e.params['heads']}, "
+                       f"{e.params['act']}, projection {a.get('proj') or 'none'}")
+        for note in p.notes:
+            click.echo(f"  note: {note}")
+        n = sum(len(e.ops) + len(e.buffers) for e in p.encoders)
+        click.echo(f"wrote {p.output} ({p.target.name}, {p.fmt}, {n} tensors, {p.bytes_to_write / 1e6:.1f} MB)")

@@ -1,50 +1,114 @@
-"""Which layout explains a file? Every layout is tried on the headers alone; the result says
-which matched and why the others did not."""
+"""Which layout explains a file, and which encoders does it hold? Every layout is tried on the
+headers alone; the result says which matched and why the others did not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .errors import InputError, LayoutError, MappingError
-from .plan import ReadPlan, plan_read
-from .registry import Registry
+from .plan import ReadPlan, infer_arch, plan_read, slot_present
+from .registry import Registry, ResolvedLayout
 
 
 @dataclass
 class Verdict:
     layout: str
-    plan: ReadPlan | None
+    plans: list[ReadPlan] | None
     reason: str                 # why it matched or was rejected
 
 
-def try_layouts(source, registry: Registry) -> list[Verdict]:
+def _fits(rl: ResolvedLayout, plan: ReadPlan, config_act: str | None) -> int:
+    """How well a slot's kind fits an encoder: 2 by width, 1 by the config's activation."""
+    kind = rl.family.kinds.get(plan.slot.name)
+    if kind is None:
+        return 0
+    width = infer_arch(rl.family, plan.shapes, plan.layers).get("width")
+    if width == kind.width:
+        return 2
+    return 1 if config_act is not None and config_act == kind.act else 0
+
+
+def _config_act(source, plan: ReadPlan):
+    spec = plan.slot.config
+    if spec is None:
+        return None
+    cfg = source.read_json(plan.folder + spec.file) or {}
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    return cfg.get("hidden_act")
+
+
+def read_layout(source, rl: ResolvedLayout, encoder: str | None = None) -> list[ReadPlan]:
+    """Every encoder slot of `rl` present in `source`, read. Slots that share a place in the
+    file (an SDXL refiner's bigG and an SD2.1-turbo's ViT-H both sit at embedders.0.model.)
+    are told apart by the kind that fits: --param encoder, then width, then config."""
+    plans: list[ReadPlan] = []
+    errors: dict[str, LayoutError | InputError] = {}
+    for slot in rl.layout.slots.values():
+        for prefix in slot_present(source, slot):
+            try:
+                plans.append(plan_read(source, rl, slot, prefix))
+            except (LayoutError, InputError) as e:
+                errors.setdefault(prefix, e)
+    by_prefix: dict[str, list[ReadPlan]] = {}
+    for p in plans:
+        by_prefix.setdefault(p.prefix, []).append(p)
+    chosen = []
+    for prefix, group in by_prefix.items():
+        if len(group) > 1:
+            named = [p for p in group if p.slot.name == encoder]
+            if named:
+                group = named
+            else:
+                act = _config_act(source, group[0])
+                best = max(_fits(rl, p, act) for p in group)
+                fitting = [p for p in group if _fits(rl, p, act) == best]
+                if best == 0 or len(fitting) > 1:
+                    fitting[0].notes.append(
+                        f"{prefix or 'the top level'} may hold {' or '.join(p.slot.name for p in group)}; nothing in "
+                        f"the file tells which: read as {fitting[0].slot.name} (--param encoder=NAME to choose)")
+                group = fitting
+        chosen.append(group[0])
+    for prefix, e in errors.items():
+        if prefix not in by_prefix:
+            raise e                   # an encoder is there but does not read cleanly
+    if not chosen:
+        places = ", ".join(repr(s.prefix or "top level") for s in rl.layout.slots.values())
+        raise LayoutError(f"{source.path}: no keys for layout {rl.name} (looked under {places})")
+    return chosen
+
+
+def try_layouts(source, registry: Registry, encoder: str | None = None) -> list[Verdict]:
     out = []
     for name, rl in registry.all_layouts():
         if isinstance(rl, MappingError):
             out.append(Verdict(name, None, f"broken mapping file: {rl}"))
             continue
-        slot = next(iter(rl.layout.slots.values()))
         try:
-            p = plan_read(source, rl, slot)
-            out.append(Verdict(name, p, f"{len(p.ops)} tensors, {p.layers} layers"))
+            plans = read_layout(source, rl, encoder)
+            what = ", ".join(f"{p.slot.name} at {p.prefix or 'top level'} ({len(p.ops)} tensors, {p.layers} layers)"
+                             for p in plans)
+            out.append(Verdict(name, plans, what))
         except (LayoutError, InputError) as e:
             out.append(Verdict(name, None, e.message.replace(f"{source.path}: ", "")))
     return out
 
 
-def _reading(p: ReadPlan):
-    return frozenset((op.keys, op.transform, op.canonical) for op in p.ops)
+def _reading(plans: list[ReadPlan]) -> frozenset:
+    return frozenset((op.keys, op.transform, op.canonical) for p in plans for op in p.ops)
 
 
-def detect(source, registry: Registry) -> tuple[ReadPlan, list[Verdict]]:
-    verdicts = try_layouts(source, registry)
-    hits = [v for v in verdicts if v.plan is not None]
+def detect(source, registry: Registry, encoder: str | None = None) -> tuple[list[ReadPlan], list[Verdict]]:
+    verdicts = try_layouts(source, registry, encoder)
+    hits = [v for v in verdicts if v.plans is not None]
     if not hits:
         why = "; ".join(f"{v.layout}: {v.reason}" for v in verdicts)
         raise LayoutError(f"{source.path}: no CLIP text encoder found in any known layout ({why})",
                           "if you know the layout, pass --from NAME; `sdconv layouts` lists them")
-    if len({_reading(v.plan) for v in hits}) > 1:
+    # the reading that explains the most: one that contains every other wins (a ComfyUI file
+    # reads as hf too, less its logit_scale); equal readings are settled by layout priority
+    readings = {v.layout: _reading(v.plans) for v in hits}
+    top = [v for v in hits if all(readings[v.layout] >= r for r in readings.values())]
+    if not top:
         raise LayoutError(f"{source.path}: ambiguous: it reads differently as {', '.join(v.layout for v in hits)}",
                           "pass --from NAME to choose")
-    # equivalent readings (e.g. a flat open_clip/OpenAI file): the layout's priority decides
-    best = max(hits, key=lambda v: (v.plan.layout.layout.priority, [-ord(c) for c in v.layout]))
-    return best.plan, verdicts
+    best = max(top, key=lambda v: (v.plans[0].layout.layout.priority, [-ord(c) for c in v.layout]))
+    return best.plans, verdicts

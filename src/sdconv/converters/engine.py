@@ -1,7 +1,8 @@
-"""The conversion API that the CLI drives: plan() then convert().
+"""The conversion API that the CLI drives: make_plans() then convert().
 
 container -> layout -> canonical -> layout -> container, with every decision recorded in a
-Plan that --dry-run prints and the output's metadata keeps.
+Plan that --dry-run prints and the output's metadata keeps. A checkpoint may hold several
+encoders (SDXL: clip_l and clip_g); each becomes an EncoderPlan, and a Plan is one output.
 """
 from __future__ import annotations
 
@@ -12,103 +13,149 @@ from pathlib import Path
 
 from .. import __version__
 from . import configs
-from .containers import AtomicOutput, Source, format_for, open_source, save_tensors, sha256_of, torch_dtype_code, dominant_dtype
-from .detect import Verdict, detect
+from .containers import (AtomicOutput, Source, dominant_dtype, format_for, open_source, save_tensors, sha256_of,
+                         torch_dtype_code)
+from .detect import Verdict, detect, read_layout
 from .errors import LayoutError, OutputError, UsageError
 from .execute import DTYPES, run
-from .plan import BufferOp, ReadPlan, WriteOp, infer_arch, plan_read, plan_write, resolve_params
+from .plan import (BufferOp, ReadPlan, WriteOp, depth_notes, identify, infer_arch, plan_write, resolve_params)
 from .registry import DEFAULT, Registry, ResolvedLayout
+from .schema import Slot
 
 FORMATS = ("safetensors", "pt")
 DTYPE_CHOICES = ("keep", *DTYPES)
 _DTYPE_CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
 
 
 @dataclass
-class Plan:
-    source: Source
+class EncoderPlan:
     read: ReadPlan
-    target: ResolvedLayout
-    ops: list[WriteOp]
-    buffers: list[BufferOp]
-    arch: dict
+    identity: str               # clip_l, clip_h, clip_g, or the source slot's generic name
+    identity_origin: str
+    arch: dict                  # as read
     params: dict
     param_origin: dict
-    fmt: str
-    dtype: str
-    verdicts: list[Verdict] | None = None       # detection results (None with --from)
+    slot: Slot                  # the target slot
+    ops: list[WriteOp]
+    buffers: list[BufferOp]
+    layers_out: int
     notes: list[str] = field(default_factory=list)
 
     @property
-    def target_slot(self):
-        return next(iter(self.target.layout.slots.values()))
+    def arch_out(self) -> dict:
+        return {**self.arch, "layers": self.layers_out}
 
-    def out_dtype(self, code: str) -> str:
-        return _DTYPE_CODE.get(self.dtype, code) if code.startswith(("F", "BF")) else code
+    def out_dtype(self, code: str, dtype: str) -> str:
+        return _DTYPE_CODE.get(dtype, code) if code.startswith(("F", "BF")) else code
 
-    @property
-    def bytes_to_write(self) -> int:
-        size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+    def bytes_to_write(self, dtype: str) -> int:
         total = 0
         for op in self.ops:
-            code = self.out_dtype(self.read.dtypes[op.canonical[0]])
+            code = self.out_dtype(self.read.dtypes[op.canonical[0]], dtype)
             for s in op.shapes:
                 n = 1
                 for d in s:
                     n *= d
-                total += n * size.get(code, 4)
-        return total + sum(8 * self._numel(b.shape) for b in self.buffers)
+                total += n * _SIZE.get(code, 4)
+        for b in self.buffers:
+            n = 1
+            for s in b.shape:
+                n *= self.arch[s] if isinstance(s, str) else s
+            total += 8 * n
+        return total
 
-    def _numel(self, shape):
-        n = 1
-        for s in shape:
-            n *= self.arch[s] if isinstance(s, str) else s
-        return n
+
+@dataclass
+class Plan:
+    """One output: the encoders it holds and how each is written."""
+    source: Source
+    target: ResolvedLayout
+    encoders: list[EncoderPlan]
+    fmt: str
+    dtype: str
+    output: Path | None = None
+    verdicts: list[Verdict] | None = None       # detection results (None with --from)
+
+    # single-encoder shorthands (most conversions)
+    @property
+    def read(self) -> ReadPlan:
+        return self.encoders[0].read
+
+    @property
+    def arch(self) -> dict:
+        return self.encoders[0].arch
+
+    @property
+    def params(self) -> dict:
+        return self.encoders[0].params
+
+    @property
+    def param_origin(self) -> dict:
+        return self.encoders[0].param_origin
+
+    @property
+    def ops(self) -> list[WriteOp]:
+        return [op for e in self.encoders for op in e.ops]
+
+    @property
+    def notes(self) -> list[str]:
+        """Everything the plan has to say: what was read, dropped, assumed."""
+        return [n for e in self.encoders for n in e.read.notes + e.notes]
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(e.bytes_to_write(self.dtype) for e in self.encoders)
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(e.read.bytes_to_read for e in self.encoders)
 
     def describe(self) -> str:
         """The human-readable plan (--dry-run)."""
-        r = self.read
-        a = self.arch
-        lines = []
+        lines = [f"input:   {self.source.path}"]
+        lay = self.read.layout
         how = "given with --from" if self.verdicts is None else "detected"
-        lines.append(f"input:   {self.source.path}")
-        lines.append(f"layout:  {r.layout.name} ({how}), {r.layout.layout.description}")
-        if self.verdicts:
-            for v in self.verdicts:
-                mark = "matched " if v.plan is not None else "rejected"
-                lines.append(f"  {mark} {v.layout}: {v.reason}")
-        lines.append(f"architecture: width {a['width']}, layers {a['layers']}, ffn {a['ffn']}, vocab {a['vocab']}, "
-                     f"context {a['context']}, projection {a.get('proj') or 'none'}")
-        for k in ("heads", "act"):
-            lines.append(f"  {k} = {self.params[k]}  ({self.param_origin[k]})")
-        lines.append(f"target:  {self.target.name} ({self.fmt}, dtype {self.dtype})")
-        lines.append("tensors (canonical <- source [transform] -> target):")
-        for op in self.ops:
-            srcs = []
-            for c in op.canonical:
-                rop = r.op_for(c)
-                srcs.append(rop.keys[0] + ("" if rop.transform == "rename" else f" [{rop.transform}]"))
-            t = "" if op.transform == "rename" else f" [inverse of {op.transform}]"
-            lines.append(f"  {', '.join(op.canonical)} <- {', '.join(dict.fromkeys(srcs))} -> {', '.join(op.keys)}{t}")
-        for b in self.buffers:
-            lines.append(f"  {b.key} <- synthesized ({b.synthesize}, int64)")
-        for n in r.notes + self.notes:
-            lines.append(f"note: {n}")
-        lines.append(f"bytes: read {r.bytes_to_read:,}, write {self.bytes_to_write:,}")
+        lines.append(f"layout:  {lay.name} ({how}), {lay.layout.description}")
+        for v in self.verdicts or []:
+            lines.append(f"  {'matched ' if v.plans is not None else 'rejected'} {v.layout}: {v.reason}")
+        lines.append(f"output:  {self.output or '-'} ({self.target.name}, {self.fmt}, dtype {self.dtype})")
+        for e in self.encoders:
+            a = e.arch
+            lines.append(f"encoder {e.identity} ({e.identity_origin}), at {e.read.prefix or 'top level'} -> "
+                         f"{self.target.name} {e.slot.name} at {e.slot.prefix or 'top level'}")
+            lines.append(f"  architecture: width {a['width']}, layers {a['layers']}, ffn {a['ffn']}, vocab {a['vocab']}, "
+                         f"context {a['context']}, projection {a.get('proj') or 'none'}")
+            for k in ("heads", "act"):
+                lines.append(f"  {k} = {e.params[k]}  ({e.param_origin[k]})")
+            lines.append("  tensors (canonical <- source [transform] -> target):")
+            for op in e.ops:
+                srcs = []
+                for c in op.canonical:
+                    rop = e.read.op_for(c)
+                    srcs.append(rop.keys[0] + ("" if rop.transform == "rename" else f" [{rop.transform}]"))
+                t = "" if op.transform == "rename" else f" [inverse of {op.transform}]"
+                lines.append(f"    {', '.join(op.canonical)} <- {', '.join(dict.fromkeys(srcs))} -> "
+                             f"{', '.join(op.keys)}{t}")
+            for b in e.buffers:
+                lines.append(f"    {b.key} <- synthesized ({b.synthesize}, int64)")
+            for n in e.read.notes + e.notes:
+                lines.append(f"  note: {n}")
+        lines.append(f"bytes: read {self.bytes_to_read:,}, write {self.bytes_to_write:,}")
         return "\n".join(lines)
 
 
 def _parse_params(params) -> dict:
     out = {}
     for k, v in (params or {}).items():
-        if k not in ("heads", "act"):
-            raise UsageError(f"unknown parameter {k!r}", "known: heads, act")
+        if k not in ("heads", "act", "encoder"):
+            raise UsageError(f"unknown parameter {k!r}", "known: heads, act, encoder")
         out[k] = v
     return out
 
 
 def _input_params(source: Source, rp: ReadPlan, arch: dict):
-    """heads/act the input states itself: its config file, or sdconv's own metadata."""
+    """What the input says of itself: its config file, or sdconv's own metadata."""
     cfg_spec = rp.slot.config
     if cfg_spec is not None:
         cfg = source.read_json(rp.folder + cfg_spec.file)
@@ -117,17 +164,46 @@ def _input_params(source: Source, rp: ReadPlan, arch: dict):
             notes = [f"{rp.folder + cfg_spec.file} says {k} = {v}, the weights say {arch[k]}"
                      for k, v in got["declared"].items() if k in arch and arch[k] != v]
             return got["params"], f"{rp.folder + cfg_spec.file}", notes
-    meta = source.metadata().get("sdconv.params")
-    if meta:
-        try:
-            return {k: v for k, v in json.loads(meta).items() if k in ("heads", "act")}, "input metadata", []
-        except ValueError:
-            pass
+    meta = source.metadata()
+    try:
+        per = json.loads(meta.get("sdconv.encoders", "{}"))
+        if rp.slot.name in per:
+            return dict(per[rp.slot.name].get("params", {})), "input metadata", []
+        if "sdconv.params" in meta:
+            got = {k: v for k, v in json.loads(meta["sdconv.params"]).items() if k in ("heads", "act")}
+            if meta.get("sdconv.encoder"):
+                got["encoder"] = meta["sdconv.encoder"]
+            return got, "input metadata", []
+    except (ValueError, AttributeError):
+        pass
     return {}, "", []
 
 
-def make_plan(input, to: str, from_: str | None = None, params=None, fmt: str | None = None,
-              dtype: str = "keep", output=None, registry: Registry = DEFAULT) -> Plan:
+def _target_slot(target: ResolvedLayout, identity: str, kinds) -> tuple[Slot, list[str]]:
+    slots = target.layout.slots
+    if identity in slots:
+        return slots[identity], []
+    generic = [s for s in slots.values() if s.name not in kinds]
+    if generic:
+        return generic[0], []
+    if identity not in kinds:
+        first = next(iter(slots.values()))
+        return first, [f"the encoder's kind is unknown (its width matches none): written as {first.name}, "
+                       f"{target.name}'s first slot (--param encoder=NAME to choose)"]
+    raise UsageError(f"{target.name} has no place for a {identity} encoder; it holds {', '.join(slots)}",
+                     "choose another --to, or another --encoder")
+
+
+def _split_name(output: Path, identity: str) -> Path:
+    """out.safetensors -> out.clip_l.safetensors; te_folder -> te_folder.clip_l"""
+    return output.with_name(f"{output.stem}.{identity}{output.suffix}" if output.suffix else f"{output.name}.{identity}")
+
+
+def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str | None = None,
+               dtype: str = "keep", output=None, encoder: str | None = None,
+               registry: Registry = DEFAULT) -> list[Plan]:
+    """Plan a conversion: one Plan per output (several only with encoder='all' into a layout
+    that holds one encoder)."""
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPE_CHOICES)}")
     if fmt is not None and fmt not in FORMATS:
@@ -138,31 +214,70 @@ def make_plan(input, to: str, from_: str | None = None, params=None, fmt: str | 
     source = open_source(input)
     verdicts = None
     if src_layout is not None:
-        slot = next(iter(src_layout.layout.slots.values()))
         try:
-            rp = plan_read(source, src_layout, slot)
+            reads = read_layout(source, src_layout, given.get("encoder"))
         except LayoutError as e:
             hint = "check --from"
             try:
                 found, _ = detect(source, registry)
-                hint = f"it looks like {found.layout.name}: use --from {found.layout.name} or --from auto"
+                hint = f"it looks like {found[0].layout.name}: use --from {found[0].layout.name} or --from auto"
             except LayoutError:
                 pass
             raise LayoutError(f"--from {from_}: {e.message}", hint)
     else:
-        rp, verdicts = detect(source, registry)
-    where = f"{source.path} ({rp.layout.name}): "
-    arch = infer_arch(rp.layout.family, rp.shapes, rp.layers, where)
-    from_input, origin, cfg_notes = _input_params(source, rp, arch)
-    pr, po = resolve_params(rp.layout.family, rp.slot, arch, given, from_input, origin)
-    if target.family.name != rp.layout.family.name:
-        raise UsageError(f"{to} holds a {target.family.name} model, the input a {rp.layout.family.name} one")
-    tslot = next(iter(target.layout.slots.values()))
-    ops, buffers, notes = plan_write(target, tslot, rp.shapes, rp.layers, str(source.path))
-    if output is not None and fmt is None:
-        fmt = "safetensors" if target.layout.output == "folder" else format_for(Path(output), None)
-    return Plan(source, rp, target, ops, buffers, arch, pr, po, fmt or "safetensors", dtype, verdicts,
-                cfg_notes + notes)
+        reads, verdicts = detect(source, registry, given.get("encoder"))
+
+    family = reads[0].layout.family
+    if target.family.name != family.name:
+        raise UsageError(f"{to} holds a {target.family.name} model, the input a {family.name} one")
+    found = []
+    for rp in reads:
+        arch = infer_arch(family, rp.shapes, rp.layers, f"{source.path} ({rp.layout.name} {rp.slot.name}): ")
+        from_input, origin, cfg_notes = _input_params(source, rp, arch)
+        ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
+        pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
+        found.append((rp, arch, ident, ident_origin, pr, po, cfg_notes + depth_notes(family, ident, arch)))
+
+    names = [f[2] for f in found]
+    if encoder in (None, "") and len(found) > 1:
+        raise UsageError(f"{source.path} holds {len(found)} encoders: {', '.join(names)}",
+                         f"choose one with --encoder {names[0]}, or --encoder all")
+    if encoder not in (None, "", "all"):
+        found = [f for f in found if f[2] == encoder]
+        if not found:
+            raise UsageError(f"{source.path} holds no {encoder} encoder; it holds {', '.join(names)}",
+                             f"use --encoder {' or '.join(names)}")
+
+    encs = []
+    for rp, arch, ident, ident_origin, pr, po, notes in found:
+        tslot, slot_notes = _target_slot(target, ident, family.kinds)
+        ops, buffers, wnotes, layers_out = plan_write(target, tslot, rp.shapes, rp.layers, str(source.path))
+        encs.append(EncoderPlan(rp, ident, ident_origin, arch, pr, po, tslot, ops, buffers, layers_out,
+                                notes + slot_notes + wnotes))
+
+    if output is not None:
+        output = Path(output)
+    slots_used = [e.slot.name for e in encs]
+    if len(set(slots_used)) == len(encs):
+        groups = [encs]                       # the target holds them all: one output
+    else:
+        groups = [[e] for e in encs]          # one output per encoder
+    plans = []
+    for g in groups:
+        out = output if (output is None or len(groups) == 1) else _split_name(output, g[0].identity)
+        f = fmt
+        if f is None:
+            f = "safetensors" if target.layout.output == "folder" or out is None else format_for(out, None)
+        plans.append(Plan(source, target, g, f, dtype, out, verdicts))
+    return plans
+
+
+def make_plan(input, to: str, **kw) -> Plan:
+    """Plan a conversion that makes one output."""
+    plans = make_plans(input, to, **kw)
+    if len(plans) != 1:
+        raise UsageError(f"this conversion makes {len(plans)} outputs", "use make_plans")
+    return plans[0]
 
 
 def _check_output(plan: Plan, output: Path):
@@ -177,62 +292,86 @@ def _check_output(plan: Plan, output: Path):
 
 
 def _metadata(plan: Plan, sha: str) -> dict:
-    return {
+    meta = {
         "format": "pt",
         "sdconv.version": __version__,
         "sdconv.source": Path(plan.source.path).name,
         "sdconv.source_sha256": sha,
         "sdconv.from": plan.read.layout.name,
         "sdconv.to": plan.target.name,
-        "sdconv.params": json.dumps(plan.params, sort_keys=True),
-        "sdconv.arch": json.dumps(plan.arch, sort_keys=True),
-        "sdconv.notes": json.dumps(plan.read.notes + plan.notes),
+        "sdconv.encoders": json.dumps({e.identity: {"slot": e.slot.name, "params": e.params, "arch": e.arch_out}
+                                       for e in plan.encoders}, sort_keys=True),
+        "sdconv.notes": json.dumps(plan.notes),
     }
+    if len(plan.encoders) == 1:
+        e = plan.encoders[0]
+        meta.update({"sdconv.encoder": e.identity, "sdconv.params": json.dumps(e.params, sort_keys=True),
+                     "sdconv.arch": json.dumps(e.arch_out, sort_keys=True)})
+    return meta
 
 
 @dataclass
 class Result:
-    plan: Plan
-    output: Path
+    plans: list[Plan]
+    outputs: list[Path]
     files: list[Path]
     source_sha256: str
 
+    @property
+    def plan(self) -> Plan:
+        return self.plans[0]
+
+    @property
+    def output(self) -> Path:
+        return self.outputs[0]
+
 
 def convert(input, output, to: str, from_: str | None = None, params=None, fmt: str | None = None,
-            dtype: str = "keep", force: bool = False, registry: Registry = DEFAULT, progress=None) -> Result:
-    """Convert the text encoder in `input` to layout `to`, written at `output` atomically.
+            dtype: str = "keep", force: bool = False, encoder: str | None = None, registry: Registry = DEFAULT,
+            progress=None) -> Result:
+    """Convert the text encoder(s) in `input` to layout `to`, written at `output` atomically.
 
-    `progress`, if given, is a tqdm-like bar: reset(total=bytes) once, then update(bytes)."""
+    `encoder` picks one encoder of a multi-encoder checkpoint, or 'all'. `progress`, if
+    given, is a tqdm-like bar: reset(total=bytes) once, then update(bytes)."""
     output = Path(output)
-    plan = make_plan(input, to, from_, params, fmt, dtype, output, registry)
-    _check_output(plan, output)
-    folder = plan.target.layout.output == "folder"
-    with AtomicOutput(output, folder, force) as tmp:      # refuses an existing output early
-        sha = sha256_of(plan.source.files())
-        if progress is not None:
-            progress.reset(total=plan.bytes_to_write)
-        tensors = run(plan.source, plan.read, plan.ops, plan.buffers, plan.arch, plan.dtype,
-                      progress.update if progress is not None else None)
-        meta = _metadata(plan, sha)
-        files = write_output(plan.target, plan.target_slot, tensors, tmp, plan.fmt, meta, plan.arch, plan.params)
-    return Result(plan, output, [output / f.relative_to(tmp) if folder else output for f in files], sha)
+    plans = make_plans(input, to, from_, params, fmt, dtype, output, encoder, registry)
+    folder = plans[0].target.layout.output == "folder"
+    for p in plans:
+        _check_output(p, p.output)
+    guards = [AtomicOutput(p.output, folder, force) for p in plans]    # refuse existing outputs up front
+    sha = sha256_of(plans[0].source.files())
+    if progress is not None:
+        progress.reset(total=sum(p.bytes_to_write for p in plans))
+    files = []
+    for p, guard in zip(plans, guards):
+        with guard as tmp:
+            per_encoder = [run(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
+                               progress.update if progress is not None else None) for e in p.encoders]
+            written = write_output(p, per_encoder, tmp, _metadata(p, sha))
+        files += [p.output / f.relative_to(tmp) if folder else p.output for f in written]
+    return Result(plans, [p.output for p in plans], files, sha)
 
 
-def write_output(rl: ResolvedLayout, slot, tensors: dict, tmp: Path, fmt: str, meta: dict, arch: dict,
-                 params: dict) -> list[Path]:
-    """Write target-layout tensors into `tmp`: one file, or a folder with the slot's sub-folder,
-    weights file and config."""
+def write_output(plan: Plan, per_encoder: list[dict], tmp: Path, meta: dict) -> list[Path]:
+    """Write the encoders' target tensors into `tmp`: one file, or a folder with each slot's
+    sub-folder, weights file and config."""
+    rl = plan.target
     if rl.layout.output == "file":
-        save_tensors(tensors, tmp, fmt, meta)
+        merged = {k: v for ts in per_encoder for k, v in ts.items()}
+        save_tensors(merged, tmp, plan.fmt, meta)
         return [tmp]
-    sub = tmp / slot.folder if slot.folder else tmp
-    sub.mkdir(parents=True, exist_ok=True)
-    strip = len(slot.folder)
-    weights = sub / rl.layout.folder_weights[fmt]
-    save_tensors({k[strip:]: v for k, v in tensors.items()}, weights, fmt, meta)
-    files = [weights]
-    if slot.config is not None:
-        cfg = sub / slot.config.file
-        cfg.write_text(configs.WRITERS[slot.config.format](arch, params, torch_dtype_code(dominant_dtype(tensors))))
-        files.append(cfg)
+    files = []
+    for e, tensors in zip(plan.encoders, per_encoder):
+        slot = e.slot
+        sub = tmp / slot.folder if slot.folder else tmp
+        sub.mkdir(parents=True, exist_ok=True)
+        strip = len(slot.folder)
+        weights = sub / rl.layout.folder_weights[plan.fmt]
+        save_tensors({k[strip:]: v for k, v in tensors.items()}, weights, plan.fmt, meta)
+        files.append(weights)
+        if slot.config is not None:
+            cfg = sub / slot.config.file
+            cfg.write_text(configs.WRITERS[slot.config.format](e.arch_out, e.params,
+                                                               torch_dtype_code(dominant_dtype(tensors))))
+            files.append(cfg)
     return files

@@ -37,6 +37,7 @@ class ReadPlan:
     layers: int
     folder: str                 # where the slot's files sit in the source ('' = root)
     notes: list[str] = field(default_factory=list)
+    prefix: str = ""            # the prefix the encoder was found under
 
     @property
     def bytes_to_read(self) -> int:
@@ -80,12 +81,12 @@ def _ignored(rel: str, patterns) -> bool:
     return any(rel.startswith(p) if p.endswith(".") else rel == p for p in patterns)
 
 
-def slot_view(source, slot: Slot):
+def slot_view(source, slot: Slot, prefix: str):
     """Keys of the slot as its naming spells them: {layout key: source key}, plus the folder.
 
     A pipeline component folder may be given on its own (e.g. a diffusers `text_encoder/`):
     then the slot's folder is the source's root."""
-    prefix, folder = slot.prefix, slot.folder
+    folder = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
     keys = source.keys()
     if (folder and source.is_folder and getattr(source, "has_root_weights", False)
             and source.path.name + "/" == folder and not any(k.startswith(folder) for k in keys)):
@@ -110,20 +111,35 @@ def slot_view(source, slot: Slot):
     return view, folder
 
 
-def plan_read(source, rl: ResolvedLayout, slot: Slot) -> ReadPlan:
-    """Match the source's keys against the slot's naming; raise LayoutError if they do not fit."""
-    naming, family = rl.namings[slot.name], rl.family
-    view, folder = slot_view(source, slot)
-    where = f"layout {rl.name}" + (f", encoder {slot.name}" if len(rl.layout.slots) > 1 else "")
-    if not view:
-        raise LayoutError(f"{source.path}: no keys under {slot.prefix or 'the top level'!r} for {where}")
+def slot_present(source, slot: Slot) -> list[str]:
+    """The slot's prefixes under which the source has any key."""
+    keys = source.keys()
+    found = []
+    for prefix in (slot.prefix, *slot.read_prefixes):
+        folder = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        mounted = (folder and source.is_folder and source.path.name + "/" == folder
+                   and getattr(source, "has_root_weights", False))
+        if any(k.startswith(prefix) for k in keys) or (mounted and any(k.startswith(prefix[len(folder):]) for k in keys)):
+            found.append(prefix)
+    return found
 
+
+def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None) -> ReadPlan:
+    """Match the source's keys under `prefix` (default: the slot's) against the slot's naming;
+    raise LayoutError if they do not fit."""
+    prefix = slot.prefix if prefix is None else prefix
+    naming, family = rl.namings[slot.name], rl.family
+    view, folder = slot_view(source, slot, prefix)
+    where = f"layout {rl.name}, encoder {slot.name}" if len(rl.layout.slots) > 1 else f"layout {rl.name}"
+    if not view:
+        raise LayoutError(f"{source.path}: no keys under {prefix or 'the top level'!r} for {where}")
+
+    entries = list(naming.entries) + list(slot.alternates)
     consumed: set[str] = set()
     layer_hits: dict[Entry, dict[int, str]] = {}
     flat_hits: dict[Entry, str] = {}
-    patterns = [(e, _pattern(e.key)) for e in naming.entries]
-    exact = {e.key: e for e in naming.entries if LAYER not in e.key}
-    layered = [(e, p) for e, p in patterns if LAYER in e.key]
+    exact = {e.key: e for e in entries if LAYER not in e.key}
+    layered = [(e, _pattern(e.key)) for e in entries if LAYER in e.key]
     for rel in view:
         e = exact.get(rel)
         if e is not None:
@@ -139,7 +155,7 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot) -> ReadPlan:
 
     indices = sorted({i for hits in layer_hits.values() for i in hits})
     if not indices and not flat_hits:
-        raise LayoutError(f"{source.path}: no {where} keys found (expected e.g. {slot.prefix}{naming.entries[0].key})")
+        raise LayoutError(f"{source.path}: no {where} keys found (expected e.g. {prefix}{naming.entries[0].key})")
     if indices and indices != list(range(len(indices))):
         gaps = sorted(set(range(indices[-1] + 1)) - set(indices))
         raise InputError(f"{source.path}: {where}: layers are not contiguous (missing layer {gaps[0]} of "
@@ -149,24 +165,34 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot) -> ReadPlan:
     ops: list[ReadOp] = []
     missing: list[str] = []
     notes: list[str] = []
+    alternate_for = {a.canonical: a for a in slot.alternates}
     for e in naming.entries:
-        specs = [family.spec(c) for c in e.canonical]
-        optional = all(s.optional for s in specs)
+        optional = all(family.spec(c).optional for c in e.canonical)
         if LAYER in e.key:
             hits = layer_hits.get(e, {})
             for i in range(layers):
                 if i not in hits:
-                    missing.append(slot.prefix + _fill(e.key, i))
+                    missing.append(prefix + _fill(e.key, i))
                     continue
                 ops.append(ReadOp((view[hits[i]],), (hits[i],), e.transform, tuple(_fill(c, i) for c in e.canonical)))
-        elif e in flat_hits:
-            rel = flat_hits[e]
-            if any(c in slot.omit for c in e.canonical):
-                notes.append(f"ignored {view[rel]}: {where} does not carry {', '.join(e.canonical)}")
-                continue
-            ops.append(ReadOp((view[rel],), (rel,), e.transform, e.canonical))
-        elif not optional:
-            missing.append(slot.prefix + e.key)
+            continue
+        alt = alternate_for.get(e.canonical)
+        use = e if e in flat_hits else None
+        if alt is not None and alt in flat_hits:
+            if use is not None:
+                raise InputError(f"{source.path}: holds both {view[flat_hits[e]]!r} and {view[flat_hits[alt]]!r}, "
+                                 f"two spellings of {e.canonical[0]}", "remove one of them")
+            use = alt
+            notes.append(f"read {view[flat_hits[alt]]} (an older spelling) with {alt.transform}")
+        if use is None:
+            if not optional:
+                missing.append(prefix + e.key)
+            continue
+        rel = flat_hits[use]
+        if any(c in slot.omit for c in e.canonical):
+            notes.append(f"ignored {view[rel]}: {where} does not carry {', '.join(e.canonical)}")
+            continue
+        ops.append(ReadOp((view[rel],), (rel,), use.transform, e.canonical))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LayoutError(f"{source.path}: does not match {where}: missing {', '.join(missing[:3])}{more}")
@@ -175,11 +201,18 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot) -> ReadPlan:
         if bkey in view:
             consumed.add(bkey)
             notes.append(f"dropped buffer {view[bkey]} (rebuilt on write where the target carries it)")
+    for rel in view:
+        if rel not in consumed and _ignored(rel, slot.ignore):
+            consumed.add(rel)
+            notes.append(f"ignored stray key {view[rel]}")
     unexpected = [view[r] for r in view if r not in consumed and not _ignored(r, rl.layout.ignore)]
     if unexpected:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
         raise LayoutError(f"{source.path}: keys that {where} does not know: {', '.join(unexpected[:3])}{more}",
                           "if the file is right and the layout incomplete, add them to its mapping file")
+    if slot.drop_last_layers:
+        notes.append(f"{where} stores {layers} blocks: the original's last {slot.drop_last_layers} "
+                     f"{'is' if slot.drop_last_layers == 1 else 'are'} absent ({slot.why})")
 
     shapes, dtypes = {}, {}
     for op in ops:
@@ -190,7 +223,7 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot) -> ReadPlan:
                              f"{op.transform} transform cannot take")
         for c, s in zip(op.canonical, out):
             shapes[c], dtypes[c] = tuple(s), infos[0].dtype
-    return ReadPlan(rl, slot, ops, shapes, dtypes, layers, folder, notes).index(source)
+    return ReadPlan(rl, slot, ops, shapes, dtypes, layers, folder, notes, prefix).index(source)
 
 
 # ---------------------------------------------------------------- architecture
@@ -231,8 +264,26 @@ def infer_arch(family: Family, shapes: dict, layers: int, where: str = "") -> di
     return arch
 
 
-def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_input: dict, input_origin: str):
-    """heads and act: --param > the input's own config > the layout's default > the family's."""
+def identify(family: Family, slot: Slot, arch: dict, given: dict, from_input: dict):
+    """Which encoder is this (clip_l, clip_h, clip_g, or a generic name)? --param encoder=,
+    then the slot's own kind, then what the input says, then the width; else the slot's name."""
+    for name, origin in ((given.get("encoder"), "--param"), (slot.name if slot.name in family.kinds else None,
+                         "layout slot"), (from_input.get("encoder"), "input metadata")):
+        if name in family.kinds:
+            return name, origin
+        if name and origin == "--param":
+            raise UsageError(f"unknown encoder {name!r}", f"known: {', '.join(family.kinds)}")
+    k = family.kind_by_width(arch["width"])
+    if k is not None:
+        return k.name, f"width {arch['width']}"
+    return slot.name, "no known kind has this width"
+
+
+def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_input: dict, input_origin: str,
+                   identity: str):
+    """heads and act: --param > the input's own config > the layout's default > the kind's
+    (heads only at the kind's own width) > the family's."""
+    kind = family.kinds.get(identity)
     params, origin = {}, {}
     for name in ("heads", "act"):
         if name in given:
@@ -241,6 +292,8 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
             params[name], origin[name] = from_input[name], input_origin
         elif name in slot.params:
             params[name], origin[name] = slot.params[name], "layout default"
+        elif kind is not None and (name == "act" or kind.width == arch["width"]):
+            params[name], origin[name] = getattr(kind, name), f"{kind.name} ({kind.title})"
         elif name == "heads":
             if arch["width"] % family.head_width:
                 raise UsageError(f"cannot tell the number of heads: width {arch['width']} is not a multiple of "
@@ -248,8 +301,7 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
             params[name] = arch["width"] // family.head_width
             origin[name] = f"width {arch['width']} / head width {family.head_width}"
         else:
-            params[name] = family.act_by_width.get(arch["width"], family.act_default)
-            origin[name] = f"{family.name} default for width {arch['width']}"
+            params[name], origin[name] = family.act_default, f"{family.name} default"
     if params["act"] not in family.act_choices:
         raise UsageError(f"unknown activation {params['act']!r}", f"choose one of {', '.join(family.act_choices)}")
     try:
@@ -262,12 +314,29 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
     return params, origin
 
 
+def depth_notes(family: Family, identity: str, arch: dict) -> list[str]:
+    """A known kind with fewer blocks than it should have: say so (nothing is made up)."""
+    kind = family.kinds.get(identity)
+    if kind and kind.width == arch["width"] and arch["layers"] < kind.layers:
+        return [f"{kind.title} has {kind.layers} blocks; this encoder has {arch['layers']}: the last "
+                f"{kind.layers - arch['layers']} absent (e.g. an SD2 encoder converted back from diffusers)"]
+    return []
+
+
 # ---------------------------------------------------------------- write
 
 def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source_desc: str):
     """Target keys for every canonical tensor the source has and the target can hold."""
     naming, family = rl.namings[slot.name], rl.family
     ops, notes = [], []
+    if slot.drop_last_layers:
+        kept = layers - slot.drop_last_layers
+        if kept < 1:
+            raise InputError(f"{source_desc}: {rl.name} keeps all but the last {slot.drop_last_layers} blocks, "
+                             f"and the encoder has only {layers}")
+        dropped = ", ".join(str(i) for i in range(kept, layers))
+        notes.append(f"dropped block {dropped} of 0..{layers - 1}: {rl.name} stores {kept} ({slot.why})")
+        layers = kept
     # write in family order, one layer at a time: embeddings, block 0, block 1, ..., final norm
     order = {t.name: i for i, t in enumerate(family.tensors)}
     first_layer = min((i for t, i in order.items() if LAYER in t), default=0)
@@ -284,7 +353,8 @@ def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source
                     notes.append(f"the source has no {', '.join(canon)}; none written")
                 continue
             if any(c in slot.omit for c in canon):
-                notes.append(f"dropped: {', '.join(canon)} ({rl.name} cannot hold it)")
+                notes.append(f"dropped: {', '.join(canon)} ({rl.name} {slot.name} cannot hold it"
+                             + (f"; {slot.why})" if slot.why else ")"))
                 continue
             t = TRANSFORMS[e.transform]
             out = t.write_shape([shapes[c] for c in canon])
@@ -298,4 +368,4 @@ def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source
     for b in sorted(slot.buffers):
         spec = family.buffers[b]
         buffers.append(BufferOp(b, slot.prefix + naming.buffers[b], spec.shape, spec.synthesize))
-    return ops, buffers, notes
+    return ops, buffers, notes, layers

@@ -76,6 +76,9 @@ class Registry:
                 if o not in optional:
                     raise MappingError(p, 0, f"encoder {s.name}: omit lists {o!r}, which is not an optional "
                                              f"canonical tensor", f"optional ones: {', '.join(sorted(optional))}")
+            for a in s.alternates:
+                if fam.spec(a.canonical[0]) is None:
+                    raise MappingError(p, a.line, f"encoder {s.name}: alternate for unknown canonical {a.canonical[0]!r}")
             for b in s.buffers:
                 if b not in nm.buffers:
                     raise MappingError(p, 0, f"encoder {s.name}: naming {nm.name} has no buffer {b!r}")

@@ -42,26 +42,33 @@ def canonical_sample(family, preset: dict, seed: int = 0) -> dict:
 def write_canonical(canon: dict, output, layout: str, params: dict, fmt: str | None = None, dtype: str = "keep",
                     force: bool = False, extra: dict | None = None, metadata: dict | None = None,
                     registry: Registry = DEFAULT):
-    """Write canonical tensors {canonical name: tensor} as `layout` at `output` (file or folder)."""
-    from .engine import write_output
+    """Write canonical tensors {canonical name: tensor} as `layout` at `output` (file or folder).
+    params: heads, act, and optionally encoder (which slot of a multi-encoder layout)."""
+    from .engine import EncoderPlan, Plan, _target_slot, write_output
     from .plan import count_layers, infer_arch
 
     rl = registry.layout(layout)
+    fam = rl.family
     shapes = {k: tuple(v.shape) for k, v in canon.items()}
-    layers = count_layers(rl.family, canon)
-    arch = infer_arch(rl.family, shapes, layers)
-    slot = next(iter(rl.layout.slots.values()))
+    layers = count_layers(fam, canon)
+    arch = infer_arch(fam, shapes, layers)
+    identity = params.get("encoder") or getattr(fam.kind_by_width(arch["width"]), "name", "clip")
+    slot, _ = _target_slot(rl, identity, fam.kinds)
     rp = ReadPlan(rl, slot, [ReadOp((c,), (c,), "rename", (c,)) for c in canon], shapes,
                   {c: "F32" for c in canon}, layers, "")
     rp._by_canonical = {op.canonical[0]: op for op in rp.ops}
-    ops, buffers, notes = plan_write(rl, slot, shapes, layers, "canonical tensors")
+    ops, buffers, notes, layers_out = plan_write(rl, slot, shapes, layers, "canonical tensors")
     tensors = run(_Memory(canon), rp, ops, buffers, arch, dtype)
     tensors.update(extra or {})
     output = Path(output)
     fmt = fmt or ("safetensors" if rl.layout.output == "folder" else format_for(output, None))
-    meta = {"format": "pt", "sdconv.params": json.dumps(params, sort_keys=True), **(metadata or {})}
+    hp = {k: params[k] for k in ("heads", "act")}
+    enc = EncoderPlan(rp, identity, "given", arch, hp, {}, slot, ops, buffers, layers_out, notes)
+    plan = Plan(None, rl, [enc], fmt, dtype, output)
+    meta = {"format": "pt", "sdconv.params": json.dumps(hp, sort_keys=True), "sdconv.encoder": identity,
+            **(metadata or {})}
     with AtomicOutput(output, rl.layout.output == "folder", force) as tmp:
-        write_output(rl, slot, tensors, tmp, fmt, meta, arch, params)
+        write_output(plan, [tensors], tmp, meta)
     return tensors
 
 

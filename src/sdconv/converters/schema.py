@@ -21,7 +21,7 @@ SCHEMA_VERSION = 1
 LAYER = "<layer>"
 _PLACEHOLDER = re.compile(r"<[^>]*>|\{[^}]*\}")
 CONFIG_FORMATS = ("hf_clip_text",)
-PARAM_NAMES = ("heads", "act")
+PARAM_NAMES = ("heads", "act", "encoder")
 
 
 # ---------------------------------------------------------------- objects
@@ -50,13 +50,27 @@ class Family:
     buffers: dict
     head_width: int
     act_choices: tuple[str, ...]
-    act_by_width: dict
     act_default: str
+    kinds: dict                 # kind name -> Kind
     presets: dict
     path: Path
 
+    def kind_by_width(self, width):
+        return next((k for k in self.kinds.values() if k.width == width), None)
+
     def spec(self, template: str) -> TensorSpec | None:
         return next((t for t in self.tensors if t.name == template), None)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A known encoder (e.g. clip_l = OpenAI ViT-L/14): what its weights cannot say."""
+    name: str
+    title: str
+    width: int
+    layers: int
+    heads: int
+    act: str
 
 
 @dataclass(frozen=True)
@@ -90,14 +104,19 @@ class ConfigSpec:
 
 @dataclass(frozen=True)
 class Slot:
-    name: str
-    prefix: str
+    name: str                   # a kind (clip_l, clip_h, clip_g) or a generic name such as clip
+    prefix: str                 # where the slot is written, and read
     naming: str
     aliases: tuple[Alias, ...] = ()
     omit: frozenset = frozenset()
     buffers: frozenset = frozenset()
     params: dict = field(default_factory=dict)
     config: ConfigSpec | None = None
+    read_prefixes: tuple[str, ...] = ()     # other places the slot is found in files (read only)
+    ignore: tuple[str, ...] = ()            # stray keys under the prefix, skipped with a note
+    alternates: tuple[Entry, ...] = ()      # older spellings, read only (e.g. a bare projection)
+    drop_last_layers: int = 0               # the layout stores this many fewer blocks ...
+    why: str = ""                           # ... and this is why
 
     @property
     def folder(self) -> str:
@@ -116,6 +135,7 @@ class Layout:
     ignore: tuple[str, ...]
     priority: int
     sample_extra: dict
+    components: dict            # other parts of a checkpoint, for inspect: name -> key prefixes
     path: Path
 
 
@@ -185,7 +205,7 @@ def _shape(v, path, line, what):
 def parse_family(path) -> Family:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "description": True,
-                      "tensors": True, "buffers": False, "params": True, "presets": False}, "family")
+                      "tensors": True, "buffers": False, "params": True, "kinds": False, "presets": False}, "family")
     name = _header(d, path, "family")
     tensors = []
     for tname, v in d["tensors"].items():
@@ -207,17 +227,22 @@ def parse_family(path) -> Family:
     p = d["params"]
     _fields(p, path, {"heads": True, "act": True}, "params")
     _fields(p["heads"], path, {"head_width": True}, "params.heads")
-    _fields(p["act"], path, {"choices": True, "by_width": False, "default": True}, "params.act")
+    _fields(p["act"], path, {"choices": True, "default": True}, "params.act")
     act = p["act"]
-    for w, a in list((act.get("by_width") or {}).items()) + [("default", act["default"])]:
-        if a not in act["choices"]:
-            raise MappingError(path, act.line, f"activation {a!r} for {w} is not one of {list(act['choices'])}")
+    if act["default"] not in act["choices"]:
+        raise MappingError(path, act.line, f"default activation {act['default']!r} is not one of {list(act['choices'])}")
+    kinds = {}
+    for kname, kv in (d.get("kinds") or {}).items():
+        _fields(kv, path, {"title": True, "width": True, "layers": True, "heads": True, "act": True}, f"kind {kname}")
+        if kv["act"] not in act["choices"]:
+            raise MappingError(path, kv.line_of("act"), f"activation {kv['act']!r} is not one of {list(act['choices'])}")
+        kinds[kname] = Kind(kname, str(kv["title"]), int(kv["width"]), int(kv["layers"]), int(kv["heads"]), kv["act"])
     presets = {}
     for pname, pv in (d.get("presets") or {}).items():
         presets[pname] = dict(pv)
     return Family(name, _str(d["description"], path, d.line_of("description"), "description"), tuple(tensors),
-                  buffers, int(p["heads"]["head_width"]), tuple(act["choices"]),
-                  {int(k): v for k, v in (act.get("by_width") or {}).items()}, act["default"], presets, Path(path))
+                  buffers, int(p["heads"]["head_width"]), tuple(act["choices"]), act["default"], kinds, presets,
+                  Path(path))
 
 
 def parse_naming(path, family: Family) -> Naming:
@@ -276,7 +301,7 @@ def parse_layout(path) -> Layout:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "family": True, "description": True,
                       "output": True, "folder_weights": False, "encoders": True, "ignore": False,
-                      "detect": False, "sample": False}, "layout")
+                      "detect": False, "sample": False, "components": False}, "layout")
     name = _header(d, path, "layout")
     if d["output"] not in ("file", "folder"):
         raise MappingError(path, d.line_of("output"), f"output must be 'file' or 'folder', found {d['output']!r}")
@@ -289,7 +314,16 @@ def parse_layout(path) -> Layout:
     for sname, s in d["encoders"].items():
         where = f"encoder {sname}"
         _fields(s, path, {"prefix": True, "naming": True, "aliases": False, "omit": False, "buffers": False,
-                          "params": False, "config": False}, where)
+                          "params": False, "config": False, "read_prefixes": False, "ignore": False,
+                          "alternates": False, "drop_last_layers": False, "why": False}, where)
+        alternates = []
+        for a in s.get("alternates") or []:
+            _fields(a, path, {"canonical": True, "key": True, "transform": True}, "alternate")
+            alternates.append(Entry((_str(a["canonical"], path, a.line, "canonical"),),
+                                    _template(_str(a["key"], path, a.line, "key"), path, a.line, "alternate"),
+                                    _transform(a["transform"], path, a.line), a.line))
+        if int(s.get("drop_last_layers", 0)) and not s.get("why"):
+            raise MappingError(path, s.line_of("drop_last_layers"), "drop_last_layers needs a why: say what is lost")
         aliases = []
         for a in s.get("aliases") or []:
             _fields(a, path, {"from": True, "to": True}, "alias")
@@ -308,13 +342,17 @@ def parse_layout(path) -> Layout:
         prefix = _str(s["prefix"], path, s.line_of("prefix"), "prefix")
         if "/" in prefix and d["output"] == "file":
             raise MappingError(path, s.line_of("prefix"), "a prefix with a folder needs output: folder")
+        read_prefixes = tuple(_str(x, path, s.line_of("read_prefixes"), "read prefix") for x in s.get("read_prefixes") or ())
         slots[sname] = Slot(sname, prefix, _str(s["naming"], path, s.line_of("naming"), "naming"),
                             tuple(aliases), frozenset(s.get("omit") or ()), frozenset(s.get("buffers") or ()),
-                            params, config)
+                            params, config, read_prefixes, tuple(s.get("ignore") or ()), tuple(alternates),
+                            int(s.get("drop_last_layers", 0)), str(s.get("why", "")))
     detect = d.get("detect") or {}
     _fields(detect, path, {"priority": False}, "detect")
     sample = d.get("sample") or {}
     _fields(sample, path, {"extra": False}, "sample")
     extra = {k: tuple(v) for k, v in (sample.get("extra") or {}).items()}
+    components = {str(k): tuple(v) for k, v in (d.get("components") or {}).items()}
     return Layout(name, _str(d["family"], path, d.line_of("family"), "family"), d["description"], d["output"],
-                  dict(fw), slots, tuple(d.get("ignore") or ()), int(detect.get("priority", 0)), extra, Path(path))
+                  dict(fw), slots, tuple(d.get("ignore") or ()), int(detect.get("priority", 0)), extra, components,
+                  Path(path))
