@@ -11,6 +11,7 @@ from sdconv.converters.registry import DEFAULT
 from sdconv.converters.sample import write_canonical
 
 LAYOUTS = ["ldm", "hf", "diffusers", "openai", "open_clip"]
+ALL_LAYOUTS = ["comfy", "diffusers", "hf", "ldm", "open_clip", "openai", "sd3", "sgm"]
 TINY = {"vocab": 49408, "context": 77, "width": 128, "ffn": 512, "layers": 2}
 
 

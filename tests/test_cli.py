@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from fixtures import distinct_canonical, write_layout
+from fixtures import ALL_LAYOUTS, distinct_canonical, write_layout
 from sdconv.cli import main
 
 
@@ -44,7 +44,7 @@ def test_help_everywhere_has_examples():
 def test_layouts_one_line_each():
     code, out = run("layouts")
     lines = out.strip().splitlines()
-    assert code == 0 and [ln.split()[0] for ln in lines] == ["diffusers", "hf", "ldm", "open_clip", "openai"]
+    assert code == 0 and [ln.split()[0] for ln in lines] == ALL_LAYOUTS
 
 
 def test_dry_run_prints_plan_and_writes_nothing(sd1, tmp_path):

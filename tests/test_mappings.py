@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from sdconv.converters.errors import MappingError, UsageError
+from fixtures import ALL_LAYOUTS
 from sdconv.converters.registry import BUILTIN_DIR, Registry
 
 GOOD = (BUILTIN_DIR / "openai.yaml").read_text()
@@ -23,7 +24,7 @@ def _line_of(text, needle):
 def test_builtin_layouts_all_load():
     reg = Registry()
     loaded = reg.all_layouts()
-    assert [n for n, _ in loaded] == ["diffusers", "hf", "ldm", "open_clip", "openai"]
+    assert [n for n, _ in loaded] == ALL_LAYOUTS
     assert all(not isinstance(rl, Exception) for _, rl in loaded)
 
 

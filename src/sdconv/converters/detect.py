@@ -16,30 +16,16 @@ class Verdict:
     reason: str                 # why it matched or was rejected
 
 
-def _fits(rl: ResolvedLayout, plan: ReadPlan, config_act: str | None) -> int:
-    """How well a slot's kind fits an encoder: 2 by width, 1 by the config's activation."""
+def _fits(rl: ResolvedLayout, plan: ReadPlan) -> bool:
+    """Does the slot's kind have the encoder's width?"""
     kind = rl.family.kinds.get(plan.slot.name)
-    if kind is None:
-        return 0
-    width = infer_arch(rl.family, plan.shapes, plan.layers).get("width")
-    if width == kind.width:
-        return 2
-    return 1 if config_act is not None and config_act == kind.act else 0
-
-
-def _config_act(source, plan: ReadPlan):
-    spec = plan.slot.config
-    if spec is None:
-        return None
-    cfg = source.read_json(plan.folder + spec.file) or {}
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
-    return cfg.get("hidden_act")
+    return kind is not None and infer_arch(rl.family, plan.shapes, plan.layers).get("width") == kind.width
 
 
 def read_layout(source, rl: ResolvedLayout, encoder: str | None = None) -> list[ReadPlan]:
     """Every encoder slot of `rl` present in `source`, read. Slots that share a place in the
     file (an SDXL refiner's bigG and an SD2.1-turbo's ViT-H both sit at embedders.0.model.)
-    are told apart by the kind that fits: --param encoder, then width, then config."""
+    are told apart by the kind that fits: --param encoder, then width; else the first slot."""
     plans: list[ReadPlan] = []
     errors: dict[str, LayoutError | InputError] = {}
     for slot in rl.layout.slots.values():
@@ -58,10 +44,9 @@ def read_layout(source, rl: ResolvedLayout, encoder: str | None = None) -> list[
             if named:
                 group = named
             else:
-                act = _config_act(source, group[0])
-                best = max(_fits(rl, p, act) for p in group)
-                fitting = [p for p in group if _fits(rl, p, act) == best]
-                if best == 0 or len(fitting) > 1:
+                fitting = [p for p in group if _fits(rl, p)]
+                if len(fitting) != 1:
+                    fitting = fitting or group
                     fitting[0].notes.append(
                         f"{prefix or 'the top level'} may hold {' or '.join(p.slot.name for p in group)}; nothing in "
                         f"the file tells which: read as {fitting[0].slot.name} (--param encoder=NAME to choose)")
