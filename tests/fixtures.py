@@ -15,16 +15,16 @@ ALL_LAYOUTS = ["comfy", "diffusers", "hf", "ldm", "open_clip", "openai", "sd3", 
 TINY = {"vocab": 49408, "context": 77, "width": 128, "ffn": 512, "layers": 2}
 
 
-def distinct_canonical(with_proj=True, with_logit_scale=True, seed=0, width=128, layers=2) -> dict:
-    return dict(_distinct_canonical(with_proj, with_logit_scale, seed, width, layers))
+def distinct_canonical(with_proj=True, with_logit_scale=True, seed=0, width=128, layers=2, vocab=49408) -> dict:
+    return dict(_distinct_canonical(with_proj, with_logit_scale, seed, width, layers, vocab))
 
 
 @functools.lru_cache(maxsize=None)
-def _distinct_canonical(with_proj, with_logit_scale, seed, width, layers) -> dict:
+def _distinct_canonical(with_proj, with_logit_scale, seed, width, layers, vocab) -> dict:
     """Canonical tensors in which every value in the whole encoder is distinct, so any mix-up
     of tensors, rows or chunks changes some value."""
     fam = DEFAULT.family("clip_text")
-    sizes = dict(TINY, width=width, ffn=4 * width, layers=layers, proj=width)
+    sizes = dict(TINY, width=width, ffn=4 * width, layers=layers, proj=width, vocab=vocab)
     g = torch.Generator().manual_seed(seed)
     out, offset = {}, 0
     for spec in fam.tensors:
@@ -53,3 +53,24 @@ def read_all(path) -> dict:
     """Every tensor of a file or folder output, as {key: tensor} (folder keys with sub-folder)."""
     src = open_source(path)
     return {k: src.load(k).clone() for k in src.keys()}
+
+
+def target_slot(layout: str, identity: str):
+    """The slot an encoder of kind `identity` is written to, or None if the layout has none."""
+    from sdconv.converters.engine import _target_slot
+    from sdconv import UsageError
+    rl = DEFAULT.layout(layout)
+    try:
+        return _target_slot(rl, identity, rl.family.kinds)[0]
+    except UsageError:
+        return None
+
+
+def holdable(canon: dict, slot) -> dict:
+    """The canonical tensors a slot can hold."""
+    return {k: v for k, v in canon.items() if k not in slot.omit}
+
+
+def drop_last_blocks(canon: dict, n: int, layers: int) -> dict:
+    gone = {f"blk.{i}." for i in range(layers - n, layers)}
+    return {k: v for k, v in canon.items() if not any(k.startswith(g) for g in gone)}

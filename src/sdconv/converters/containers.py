@@ -65,7 +65,8 @@ class Source:
     def info(self, key: str) -> TensorInfo: ...
     def load(self, key: str): ...
 
-    def metadata(self) -> dict:
+    def metadata(self, folder: str = "") -> dict:
+        """The container's own metadata (safetensors __metadata__; of `folder`'s weights in a folder)."""
         return {}
 
     def read_json(self, rel: str) -> dict | None:
@@ -112,7 +113,7 @@ class SafetensorsSource(Source):
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
         return self._handle.get_tensor(key)
 
-    def metadata(self):
+    def metadata(self, folder: str = ""):
         return dict(self._meta)
 
 
@@ -247,6 +248,10 @@ class FolderSource(Source):
     def load(self, key):
         src, k = self._where[key]
         return src.load(k)
+
+    def metadata(self, folder: str = ""):
+        part = self._parts.get(folder)
+        return part.metadata() if part is not None else {}
 
     def read_json(self, rel):
         p = self.path / rel

@@ -18,7 +18,7 @@ from .containers import (AtomicOutput, Source, dominant_dtype, format_for, open_
 from .detect import Verdict, detect, read_layout
 from .errors import LayoutError, OutputError, UsageError
 from .execute import DTYPES, run
-from .plan import (BufferOp, ReadPlan, WriteOp, depth_notes, identify, infer_arch, plan_write, resolve_params)
+from .plan import (BufferOp, ReadPlan, WriteOp, absent_last_blocks, identify, infer_arch, plan_write, resolve_params)
 from .registry import DEFAULT, Registry, ResolvedLayout
 from .schema import Slot
 
@@ -40,6 +40,7 @@ class EncoderPlan:
     ops: list[WriteOp]
     buffers: list[BufferOp]
     layers_out: int
+    absent_last: int = 0        # last blocks the written encoder lacks (e.g. diffusers' SD2)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -155,28 +156,33 @@ def _parse_params(params) -> dict:
 
 
 def _input_params(source: Source, rp: ReadPlan, arch: dict):
-    """What the input says of itself: its config file, or sdconv's own metadata."""
-    cfg_spec = rp.slot.config
-    if cfg_spec is not None:
-        cfg = source.read_json(rp.folder + cfg_spec.file)
-        if cfg is not None:
-            got = configs.READERS[cfg_spec.format](cfg)
-            notes = [f"{rp.folder + cfg_spec.file} says {k} = {v}, the weights say {arch[k]}"
-                     for k, v in got["declared"].items() if k in arch and arch[k] != v]
-            return got["params"], f"{rp.folder + cfg_spec.file}", notes
-    meta = source.metadata()
+    """What the input says of itself: heads/act from its config file, else from sdconv's own
+    metadata; which encoder it is from that metadata."""
+    got, origin, notes = {}, "", []
+    meta = source.metadata(rp.folder)
     try:
         per = json.loads(meta.get("sdconv.encoders", "{}"))
-        if rp.slot.name in per:
-            return dict(per[rp.slot.name].get("params", {})), "input metadata", []
-        if "sdconv.params" in meta:
+        mine = per.get(rp.slot.name) or (next(iter(per.values())) if len(per) == 1 else None)
+        if mine is not None:
+            got, origin = dict(mine.get("params", {})), "input metadata"
+            if mine.get("absent_last_blocks"):
+                got["absent_last"] = int(mine["absent_last_blocks"])
+        elif "sdconv.params" in meta:
             got = {k: v for k, v in json.loads(meta["sdconv.params"]).items() if k in ("heads", "act")}
-            if meta.get("sdconv.encoder"):
-                got["encoder"] = meta["sdconv.encoder"]
-            return got, "input metadata", []
-    except (ValueError, AttributeError):
-        pass
-    return {}, "", []
+            origin = "input metadata"
+    except (ValueError, AttributeError, TypeError):
+        got = {}
+    if meta.get("sdconv.encoder"):
+        got["encoder"] = meta["sdconv.encoder"]
+    cfg_spec = rp.slot.config
+    cfg = source.read_json(rp.folder + cfg_spec.file) if cfg_spec is not None else None
+    if cfg is not None:
+        read = configs.READERS[cfg_spec.format](cfg)
+        got.update(read["params"])
+        origin = rp.folder + cfg_spec.file
+        notes = [f"{rp.folder + cfg_spec.file} says {k} = {v}, the weights say {arch[k]}"
+                 for k, v in read["declared"].items() if k in arch and arch[k] != v]
+    return got, origin, notes
 
 
 def _target_slot(target: ResolvedLayout, identity: str, kinds) -> tuple[Slot, list[str]]:
@@ -236,7 +242,8 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
         from_input, origin, cfg_notes = _input_params(source, rp, arch)
         ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
         pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
-        found.append((rp, arch, ident, ident_origin, pr, po, cfg_notes + depth_notes(family, ident, arch)))
+        absent, depth = absent_last_blocks(family, ident, arch, rp.slot, int(from_input.get("absent_last", 0)))
+        found.append((rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth))
 
     names = [f[2] for f in found]
     if encoder in (None, "") and len(found) > 1:
@@ -249,11 +256,11 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
                              f"use --encoder {' or '.join(names)}")
 
     encs = []
-    for rp, arch, ident, ident_origin, pr, po, notes in found:
+    for rp, arch, ident, ident_origin, pr, po, absent, notes in found:
         tslot, slot_notes = _target_slot(target, ident, family.kinds)
-        ops, buffers, wnotes, layers_out = plan_write(target, tslot, rp.shapes, rp.layers, str(source.path))
+        ops, buffers, wnotes, layers_out = plan_write(target, tslot, rp.shapes, rp.layers, str(source.path), absent)
         encs.append(EncoderPlan(rp, ident, ident_origin, arch, pr, po, tslot, ops, buffers, layers_out,
-                                notes + slot_notes + wnotes))
+                                absent + rp.layers - layers_out, notes + slot_notes + wnotes))
 
     if output is not None:
         output = Path(output)
@@ -299,7 +306,8 @@ def _metadata(plan: Plan, sha: str) -> dict:
         "sdconv.source_sha256": sha,
         "sdconv.from": plan.read.layout.name,
         "sdconv.to": plan.target.name,
-        "sdconv.encoders": json.dumps({e.identity: {"slot": e.slot.name, "params": e.params, "arch": e.arch_out}
+        "sdconv.encoders": json.dumps({e.identity: {"slot": e.slot.name, "params": e.params, "arch": e.arch_out,
+                                                    "absent_last_blocks": e.absent_last}
                                        for e in plan.encoders}, sort_keys=True),
         "sdconv.notes": json.dumps(plan.notes),
     }

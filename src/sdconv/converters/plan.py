@@ -314,25 +314,36 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
     return params, origin
 
 
-def depth_notes(family: Family, identity: str, arch: dict) -> list[str]:
-    """A known kind with fewer blocks than it should have: say so (nothing is made up)."""
+def absent_last_blocks(family: Family, identity: str, arch: dict, slot: Slot, stated: int = 0):
+    """How many of the encoder's last blocks are already gone, and the note that says so: the
+    layout drops them (diffusers' SD2), the input's metadata says so, or a known kind has more
+    blocks than this encoder (an SD2 encoder converted back from diffusers). Nothing is made up."""
     kind = family.kinds.get(identity)
-    if kind and kind.width == arch["width"] and arch["layers"] < kind.layers:
-        return [f"{kind.title} has {kind.layers} blocks; this encoder has {arch['layers']}: the last "
-                f"{kind.layers - arch['layers']} absent (e.g. an SD2 encoder converted back from diffusers)"]
-    return []
+    deficit = kind.layers - arch["layers"] if kind and kind.width == arch["width"] else 0
+    n = max(slot.drop_last_layers, stated, deficit, 0)
+    notes = []
+    if deficit > 0 and not slot.drop_last_layers:
+        notes.append(f"{kind.title} has {kind.layers} blocks; this encoder has {arch['layers']}: the last "
+                     f"{deficit} absent (e.g. an SD2 encoder converted back from diffusers)")
+    elif stated and not slot.drop_last_layers and not deficit:
+        notes.append(f"the input says its last {stated} block(s) were dropped before (see its sdconv metadata)")
+    return n, notes
 
 
 # ---------------------------------------------------------------- write
 
-def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source_desc: str):
-    """Target keys for every canonical tensor the source has and the target can hold."""
+def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source_desc: str, absent_last: int = 0):
+    """Target keys for every canonical tensor the source has and the target can hold.
+    `absent_last`: blocks the encoder already lacks, which a lossy slot need not drop again."""
     naming, family = rl.namings[slot.name], rl.family
     ops, notes = [], []
-    if slot.drop_last_layers:
-        kept = layers - slot.drop_last_layers
+    drop = max(0, slot.drop_last_layers - absent_last)
+    if slot.drop_last_layers and not drop:
+        notes.append(f"kept all {layers} blocks: the last {absent_last} were already absent, as {rl.name} stores it")
+    if drop:
+        kept = layers - drop
         if kept < 1:
-            raise InputError(f"{source_desc}: {rl.name} keeps all but the last {slot.drop_last_layers} blocks, "
+            raise InputError(f"{source_desc}: {rl.name} keeps all but the last {drop} blocks, "
                              f"and the encoder has only {layers}")
         dropped = ", ".join(str(i) for i in range(kept, layers))
         notes.append(f"dropped block {dropped} of 0..{layers - 1}: {rl.name} stores {kept} ({slot.why})")
