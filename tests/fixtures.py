@@ -74,3 +74,66 @@ def holdable(canon: dict, slot) -> dict:
 def drop_last_blocks(canon: dict, n: int, layers: int) -> dict:
     gone = {f"blk.{i}." for i in range(layers - n, layers)}
     return {k: v for k, v in canon.items() if not any(k.startswith(g) for g in gone)}
+
+
+def write_multi(path, layout: str, encoders: dict, extra: dict | None = None):
+    """A checkpoint holding several encoders: {kind: canonical tensors} written into one file
+    (or one folder) of `layout`, each in its slot, plus `extra` tensors (UNet stand-ins...)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from sdconv.converters.containers import write_safetensors
+    path = Path(path)
+    folder = DEFAULT.layout(layout).layout.output == "folder"
+    merged = dict(extra or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, canon in encoders.items():
+            one = Path(tmp) / (kind if folder else f"{kind}.safetensors")
+            act = "quick_gelu" if kind == "clip_l" else "gelu"
+            write_layout(holdable(canon, target_slot(layout, kind)), one, layout,
+                         params={"heads": 2, "act": act, "encoder": kind})
+            if folder:
+                for sub in one.iterdir():
+                    shutil.copytree(sub, path / sub.name)
+            else:
+                merged.update(read_all(one))
+    if not folder:
+        write_safetensors(merged, path, {"format": "pt"})
+    return path
+
+
+def sparse_safetensors(path, keys: dict, values: dict | None = None):
+    """A full-size safetensors file without writing its data: a real header ({key: (shape,
+    dtype)}), the few `values` {key: bytes} written in place, the rest a sparse hole of zeros."""
+    import json
+    import struct
+    header, offset = {}, 0
+    size = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2}
+    for k, (shape, dtype) in keys.items():
+        n = 1
+        for d in shape:
+            n *= d
+        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n * size[dtype]]}
+        offset += n * size[dtype]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k, b in (values or {}).items():
+            f.seek(8 + len(raw) + header[k]["data_offsets"][0])
+            f.write(b)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def realkeys(name: str, prefix: str, dtype: str = "F16") -> dict:
+    """{prefix + key: (shape, dtype)} from a key list of real checkpoints (tests/data)."""
+    from pathlib import Path
+    out = {}
+    for line in (Path(__file__).parent / "data" / name).read_text().splitlines():
+        key, shape = line.rsplit(" ", 1)
+        dims = [int(x) for x in shape.strip("[]").split(",") if x]
+        out[prefix + key] = (dims, "I64" if key.endswith("position_ids") else dtype)
+    return out

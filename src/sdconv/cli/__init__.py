@@ -44,6 +44,7 @@ def main(ctx, debug):
     \b
     Examples:
       sdconv layouts
+      sdconv inspect model.safetensors
       sdconv convert model.safetensors -o clip-l.safetensors --to openai
       sdconv convert model.ckpt -o text_encoder_hf --to hf --dry-run
     """
@@ -51,5 +52,6 @@ def main(ctx, debug):
 
 
 from . import convert as _convert  # noqa: E402,F401  (registers the commands)
+from . import inspect as _inspect  # noqa: E402,F401
 from . import layouts as _layouts  # noqa: E402,F401
 from . import sample as _sample  # noqa: E402,F401

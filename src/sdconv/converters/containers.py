@@ -60,6 +60,7 @@ class Source:
     """A lazy tensor view over one file or folder."""
     path: Path
     is_folder = False
+    container = "?"
 
     def keys(self) -> list[str]: ...
     def info(self, key: str) -> TensorInfo: ...
@@ -69,6 +70,13 @@ class Source:
         """The container's own metadata (safetensors __metadata__; of `folder`'s weights in a folder)."""
         return {}
 
+    def raw(self, key: str) -> bytes:
+        """A tensor's bytes (little-endian, row-major), for small tensors such as position_ids."""
+        return bytes(_raw_bytes(self.load(key).contiguous()))
+
+    def kind(self) -> str:
+        return self.container
+
     def read_json(self, rel: str) -> dict | None:
         return None
 
@@ -77,6 +85,7 @@ class Source:
 
 
 class SafetensorsSource(Source):
+    container = "safetensors"
     def __init__(self, path: Path):
         self.path = path
         size = path.stat().st_size
@@ -96,6 +105,8 @@ class SafetensorsSource(Source):
                 raise ValueError("header is not a JSON object")
             self._meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
             self._info = {k: TensorInfo(tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
+            self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items()}
+            self._data_start = 8 + n
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InputError(f"{path}: not a safetensors file (invalid header: {e})",
                              "the file is damaged or is not a checkpoint")
@@ -116,6 +127,16 @@ class SafetensorsSource(Source):
     def metadata(self, folder: str = ""):
         return dict(self._meta)
 
+    def raw(self, key):
+        """Straight from the file: no torch needed."""
+        start, end = self._offsets[key]
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise InputError(f"{self.path}: {key} runs past the end of the file", "the file is truncated")
+        return data
+
 
 _UNSAFE_HINT = ("sdconv never runs code from a checkpoint; convert the file to .safetensors with a tool you "
                 "trust")
@@ -130,6 +151,7 @@ def _unpickling_reason(msg: str) -> str:
 
 
 class PickleSource(Source):
+    container = "torch pickle"
     def __init__(self, path: Path):
         import pickle
 
@@ -182,6 +204,7 @@ class PickleSource(Source):
 
 class ShardedSource(Source):
     """A transformers *.index.json: keys spread over several files."""
+    container = "sharded"
 
     def __init__(self, index: Path):
         self.path = index
@@ -201,6 +224,9 @@ class ShardedSource(Source):
     def load(self, key):
         return self._where[key].load(key)
 
+    def raw(self, key):
+        return self._where[key].raw(key)
+
     def files(self):
         return [p for s in self._shards.values() for p in s.files()]
 
@@ -215,6 +241,7 @@ def _weights_in(d: Path) -> Path | None:
 
 class FolderSource(Source):
     is_folder = True
+    container = "folder"
 
     def __init__(self, path: Path):
         self.path = path
@@ -248,6 +275,10 @@ class FolderSource(Source):
     def load(self, key):
         src, k = self._where[key]
         return src.load(k)
+
+    def raw(self, key):
+        src, k = self._where[key]
+        return src.raw(k)
 
     def metadata(self, folder: str = ""):
         part = self._parts.get(folder)

@@ -56,7 +56,8 @@ def read_layout(source, rl: ResolvedLayout, encoder: str | None = None) -> list[
         if prefix not in by_prefix:
             raise e                   # an encoder is there but does not read cleanly
     if not chosen:
-        places = ", ".join(repr(s.prefix or "top level") for s in rl.layout.slots.values())
+        places = ", ".join(dict.fromkeys(repr(p or "top level") for s in rl.layout.slots.values()
+                                         for p in (s.prefix, *s.read_prefixes)))
         raise LayoutError(f"{source.path}: no keys for layout {rl.name} (looked under {places})")
     return chosen
 

@@ -185,6 +185,53 @@ def _input_params(source: Source, rp: ReadPlan, arch: dict):
     return got, origin, notes
 
 
+@dataclass
+class Found:
+    """An encoder read from the input, with everything known about it."""
+    read: ReadPlan
+    arch: dict
+    identity: str
+    identity_origin: str
+    params: dict
+    param_origin: dict
+    absent_last: int
+    notes: list[str]
+
+
+def read_input(input, from_: str | None = None, given: dict | None = None, registry: Registry = DEFAULT):
+    """Open the input and read its encoders: (source, [ReadPlan], verdicts or None)."""
+    given = given or {}
+    src_layout = registry.layout(from_) if from_ else None      # unknown names fail before reading
+    source = open_source(input)
+    if src_layout is None:
+        reads, verdicts = detect(source, registry, given.get("encoder"))
+        return source, reads, verdicts
+    try:
+        return source, read_layout(source, src_layout, given.get("encoder")), None
+    except LayoutError as e:
+        hint = "check --from"
+        try:
+            found, _ = detect(source, registry)
+            hint = f"it looks like {found[0].layout.name}: use --from {found[0].layout.name} or --from auto"
+        except LayoutError:
+            pass
+        raise LayoutError(f"--from {from_}: {e.message}", hint)
+
+
+def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
+    """Architecture, identity and parameters of each encoder read (headers only)."""
+    family = reads[0].layout.family
+    found = []
+    for rp in reads:
+        arch = infer_arch(family, rp.shapes, rp.layers, f"{source.path} ({rp.layout.name} {rp.slot.name}): ")
+        from_input, origin, cfg_notes = _input_params(source, rp, arch)
+        ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
+        pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
+        absent, depth = absent_last_blocks(family, ident, arch, rp.slot, int(from_input.get("absent_last", 0)))
+        found.append(Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth))
+    return found
+
+
 def _target_slot(target: ResolvedLayout, identity: str, kinds) -> tuple[Slot, list[str]]:
     slots = target.layout.slots
     if identity in slots:
@@ -216,51 +263,29 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
         raise UsageError(f"unknown format {fmt!r}", f"choose one of {', '.join(FORMATS)}")
     given = _parse_params(params)
     target = registry.layout(to)
-    src_layout = registry.layout(from_) if from_ else None      # unknown names fail before reading
-    source = open_source(input)
-    verdicts = None
-    if src_layout is not None:
-        try:
-            reads = read_layout(source, src_layout, given.get("encoder"))
-        except LayoutError as e:
-            hint = "check --from"
-            try:
-                found, _ = detect(source, registry)
-                hint = f"it looks like {found[0].layout.name}: use --from {found[0].layout.name} or --from auto"
-            except LayoutError:
-                pass
-            raise LayoutError(f"--from {from_}: {e.message}", hint)
-    else:
-        reads, verdicts = detect(source, registry, given.get("encoder"))
-
+    source, reads, verdicts = read_input(input, from_, given, registry)
     family = reads[0].layout.family
     if target.family.name != family.name:
         raise UsageError(f"{to} holds a {target.family.name} model, the input a {family.name} one")
-    found = []
-    for rp in reads:
-        arch = infer_arch(family, rp.shapes, rp.layers, f"{source.path} ({rp.layout.name} {rp.slot.name}): ")
-        from_input, origin, cfg_notes = _input_params(source, rp, arch)
-        ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
-        pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
-        absent, depth = absent_last_blocks(family, ident, arch, rp.slot, int(from_input.get("absent_last", 0)))
-        found.append((rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth))
-
-    names = [f[2] for f in found]
+    found = analyse(source, reads, given)
+    names = [f.identity for f in found]
     if encoder in (None, "") and len(found) > 1:
         raise UsageError(f"{source.path} holds {len(found)} encoders: {', '.join(names)}",
                          f"choose one with --encoder {names[0]}, or --encoder all")
     if encoder not in (None, "", "all"):
-        found = [f for f in found if f[2] == encoder]
+        found = [f for f in found if f.identity == encoder]
         if not found:
             raise UsageError(f"{source.path} holds no {encoder} encoder; it holds {', '.join(names)}",
                              f"use --encoder {' or '.join(names)}")
 
     encs = []
-    for rp, arch, ident, ident_origin, pr, po, absent, notes in found:
-        tslot, slot_notes = _target_slot(target, ident, family.kinds)
-        ops, buffers, wnotes, layers_out = plan_write(target, tslot, rp.shapes, rp.layers, str(source.path), absent)
-        encs.append(EncoderPlan(rp, ident, ident_origin, arch, pr, po, tslot, ops, buffers, layers_out,
-                                absent + rp.layers - layers_out, notes + slot_notes + wnotes))
+    for f in found:
+        tslot, slot_notes = _target_slot(target, f.identity, family.kinds)
+        ops, buffers, wnotes, layers_out = plan_write(target, tslot, f.read.shapes, f.read.layers, str(source.path),
+                                                      f.absent_last)
+        encs.append(EncoderPlan(f.read, f.identity, f.identity_origin, f.arch, f.params, f.param_origin, tslot, ops,
+                                buffers, layers_out, f.absent_last + f.read.layers - layers_out,
+                                f.notes + slot_notes + wnotes))
 
     if output is not None:
         output = Path(output)

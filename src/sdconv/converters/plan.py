@@ -38,6 +38,8 @@ class ReadPlan:
     folder: str                 # where the slot's files sit in the source ('' = root)
     notes: list[str] = field(default_factory=list)
     prefix: str = ""            # the prefix the encoder was found under
+    buffers: dict = field(default_factory=dict)     # buffer name -> source key (dropped, but inspected)
+    keys: tuple = ()            # every source key the slot accounts for (read, dropped or ignored)
 
     @property
     def bytes_to_read(self) -> int:
@@ -197,9 +199,11 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None)
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LayoutError(f"{source.path}: does not match {where}: missing {', '.join(missing[:3])}{more}")
 
+    found_buffers = {}
     for bname, bkey in naming.buffers.items():
         if bkey in view:
             consumed.add(bkey)
+            found_buffers[bname] = view[bkey]
             notes.append(f"dropped buffer {view[bkey]} (rebuilt on write where the target carries it)")
     for rel in view:
         if rel not in consumed and _ignored(rel, slot.ignore):
@@ -223,7 +227,8 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None)
                              f"{op.transform} transform cannot take")
         for c, s in zip(op.canonical, out):
             shapes[c], dtypes[c] = tuple(s), infos[0].dtype
-    return ReadPlan(rl, slot, ops, shapes, dtypes, layers, folder, notes, prefix).index(source)
+    return ReadPlan(rl, slot, ops, shapes, dtypes, layers, folder, notes, prefix, found_buffers,
+                    tuple(view.values())).index(source)
 
 
 # ---------------------------------------------------------------- architecture

@@ -1,0 +1,187 @@
+"""`sdconv inspect`: what a checkpoint holds, read from headers and a few small tensors.
+
+On a .safetensors file nothing here imports torch: shapes come from the header, and the few
+values looked at (position_ids, logit_scale, whether a projection is an identity) are decoded
+from their raw bytes.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from .containers import DTYPE_SIZE, open_source
+from .registry import DEFAULT, Registry
+
+INSPECT_VERSION = 1
+_FMT = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b", "U8": "B"}
+
+
+def decode(raw: bytes, dtype: str) -> list:
+    """Little-endian bytes to Python numbers (bf16 widened to f32 by shifting)."""
+    if dtype == "BF16":
+        raw = b"".join(b"\x00\x00" + raw[i:i + 2] for i in range(0, len(raw), 2))
+        dtype = "F32"
+    if dtype not in _FMT:
+        raise ValueError(f"cannot decode {dtype}")
+    return list(struct.unpack(f"<{len(raw) // DTYPE_SIZE[dtype]}{_FMT[dtype]}", raw))
+
+
+def _one(dtype: str) -> bytes:
+    if dtype == "BF16":
+        return struct.pack("<f", 1.0)[2:]
+    return struct.pack(f"<{_FMT[dtype]}", 1)
+
+
+def projection_look(raw: bytes, shape: tuple, dtype: str) -> str:
+    """identity / all_ones / zeros / trained, by comparing bytes (fast even for 1280x1280)."""
+    if dtype not in _FMT and dtype != "BF16":
+        return "unknown"
+    size = DTYPE_SIZE[dtype]
+    one, zero = _one(dtype), b"\x00" * size
+    n = 1
+    for d in shape:
+        n *= d
+    if raw == one * n:
+        return "all_ones"
+    if raw == zero * n:
+        return "zeros"
+    if len(shape) == 2 and shape[0] == shape[1]:
+        rows, cols = shape
+        ident = bytearray(zero * n)
+        for i in range(rows):
+            ident[(i * cols + i) * size:(i * cols + i + 1) * size] = one
+        if raw == bytes(ident):
+            return "identity"
+    return "trained"
+
+
+def position_ids_health(raw: bytes, dtype: str, context: int) -> dict:
+    """exact (int, 0..C-1) / drifted (float, rounds back to 0..C-1: recoverable) / corrupt
+    (anything else). bad_indices: for drifted, where runtimes that truncate (transformers
+    <= 4.30) read the wrong position; for the others, where the value is wrong."""
+    vals = decode(raw, dtype)
+    want = list(range(context))
+    if dtype.startswith(("I", "U")):
+        bad = [i for i, v in enumerate(vals) if i >= context or v != i]
+        return {"status": "exact" if vals == want else "corrupt", "dtype": dtype, "bad_indices": bad}
+    rounded = [round(v) for v in vals]
+    if rounded == want:   # a float buffer is already off the rails: merges drift it further
+        return {"status": "drifted", "dtype": dtype, "bad_indices": [i for i, v in enumerate(vals) if int(v) != i]}
+    return {"status": "corrupt", "dtype": dtype, "bad_indices": [i for i, v in enumerate(rounded) if i >= context or v != i]}
+
+
+def _architecture(family, arch: dict) -> str:
+    k = family.kind_by_width(arch["width"])
+    if k and arch["layers"] in (k.layers, k.layers - 1) and arch["ffn"] == 4 * arch["width"]:
+        return k.title
+    return "custom"
+
+
+def _match(key: str, patterns) -> bool:
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in patterns)
+
+
+def inspect(input, from_: str | None = None, registry: Registry = DEFAULT) -> dict:
+    from .engine import analyse, read_input
+
+    source, reads, verdicts = read_input(input, from_, {}, registry)
+    found = analyse(source, reads, {})
+    family = reads[0].layout.family
+    layout = reads[0].layout.layout
+    encoders = []
+    claimed: set[str] = set()
+    for f in found:
+        rp = f.read
+        claimed.update(rp.keys)
+        keys = [k for op in rp.ops for k in op.keys]
+        infos = [source.info(k) for k in keys]
+        dtypes: dict = {}
+        for i in infos:
+            dtypes[i.dtype] = dtypes.get(i.dtype, 0) + 1
+        params = 0
+        for i in infos:
+            n = 1
+            for d in i.shape:
+                n *= d
+            params += n
+        proj = {"present": False}
+        proj_op = next((op for op in rp.ops if "text_proj.weight" in op.canonical), None)
+        if proj_op is not None:
+            k = proj_op.keys[0]
+            info = source.info(k)
+            proj = {"present": True, "dim": f.arch.get("proj"), "key": k,
+                    "looks_like": projection_look(source.raw(k), info.shape, info.dtype)}
+        logit = None
+        ls_op = next((op for op in rp.ops if "logit_scale" in op.canonical), None)
+        if ls_op is not None:
+            info = source.info(ls_op.keys[0])
+            logit = decode(source.raw(ls_op.keys[0]), info.dtype)[0]
+        pid = {"status": "absent"}
+        if "position_ids" in rp.buffers:
+            k = rp.buffers["position_ids"]
+            info = source.info(k)
+            pid = {"key": k, **position_ids_health(source.raw(k), info.dtype, f.arch["context"])}
+        a = f.arch
+        encoders.append({
+            "encoder": f.identity, "slot": rp.slot.name, "prefix": rp.prefix,
+            "architecture": _architecture(family, a),
+            "width": a["width"], "layers": a["layers"], "ffn": a["ffn"], "vocab": a["vocab"], "context": a["context"],
+            "heads": f.params["heads"], "act": f.params["act"],
+            "param_origin": f.param_origin, "absent_last_blocks": f.absent_last,
+            "dtypes": dtypes, "parameters": params, "bytes": sum(i.nbytes for i in infos),
+            "projection": proj, "logit_scale": logit, "position_ids": pid,
+            "notes": rp.notes + f.notes,
+        })
+    components: dict = {}
+    for k in source.keys():
+        if k in claimed:
+            continue
+        name = next((c for c, pats in layout.components.items() if _match(k, pats)), None)
+        if name is None:
+            name = "ignored" if _match(k, layout.ignore) else "unknown"
+        c = components.setdefault(name, {"tensors": 0, "bytes": 0})
+        c["tensors"] += 1
+        c["bytes"] += source.info(k).nbytes
+        if name == "unknown" and len(c.setdefault("examples", [])) < 5:
+            c["examples"].append(k)
+    path = Path(source.path)
+    size = sum(p.stat().st_size for p in source.files())
+    return {
+        "inspect_version": INSPECT_VERSION,
+        "file": str(path), "container": source.kind(), "size_bytes": size,
+        "layout": reads[0].layout.name, "detected": verdicts is not None,
+        "candidates": [{"layout": v.layout, "matched": v.plans is not None, "reason": v.reason}
+                       for v in (verdicts or [])],
+        "encoders": encoders,
+        "components": components,
+        "metadata": source.metadata(reads[0].folder),
+    }
+
+
+def render(report: dict) -> str:
+    """The human-readable form."""
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    lines = [f"{report['file']}: {report['container']}, {mb(report['size_bytes'])}",
+             f"layout: {report['layout']} ({'detected' if report['detected'] else 'given with --from'})"]
+    for c in report["candidates"]:
+        lines.append(f"  {'matched ' if c['matched'] else 'rejected'} {c['layout']}: {c['reason']}")
+    for e in report["encoders"]:
+        lines.append(f"encoder {e['encoder']} ({e['architecture']}) at {e['prefix'] or 'top level'}")
+        lines.append(f"  width {e['width']}, layers {e['layers']}, ffn {e['ffn']}, heads {e['heads']}, {e['act']}, "
+                     f"vocab {e['vocab']}, context {e['context']}")
+        lines.append(f"  {e['parameters']:,} parameters, {mb(e['bytes'])}, dtypes "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(e["dtypes"].items())))
+        p = e["projection"]
+        lines.append(f"  projection: {'none' if not p['present'] else str(p['dim']) + ' (' + p['looks_like'] + ')'}")
+        lines.append(f"  logit_scale: {'none' if e['logit_scale'] is None else round(e['logit_scale'], 4)}")
+        pid = e["position_ids"]
+        extra = f", wrong at {pid['bad_indices'][:10]}" if pid.get("bad_indices") else ""
+        lines.append(f"  position_ids: {pid['status']}{' (' + pid['dtype'] + ')' if 'dtype' in pid else ''}{extra}")
+        for n in e["notes"]:
+            lines.append(f"  note: {n}")
+    if report["components"]:
+        lines.append("other components:")
+        for name, c in sorted(report["components"].items()):
+            ex = f" (e.g. {', '.join(c['examples'][:3])})" if c.get("examples") else ""
+            lines.append(f"  {name}: {c['tensors']} tensors, {mb(c['bytes'])}{ex}")
+    return "\n".join(lines)
