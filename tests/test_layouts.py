@@ -124,3 +124,78 @@ def test_unknown_key_under_prefix_is_an_error(tmp_path):
     save_file(sd, str(tmp_path / "pb.safetensors"))
     with pytest.raises(LayoutError, match="text_projection.bias"):
         make_plan(tmp_path / "pb.safetensors", to="hf", from_="open_clip")
+
+
+# ---------------------------------------------------------------- several encoders
+
+def _xl(tmp_path, name="xl.safetensors"):
+    from fixtures import write_multi
+    return write_multi(tmp_path / name, "sgm", {"clip_l": distinct_canonical(vocab=1000),
+                                                             "clip_g": distinct_canonical(vocab=1000, seed=1)},
+                       {"model.diffusion_model.x": torch.zeros(4)})
+
+
+def test_several_encoders_need_a_choice(tmp_path):
+    from sdconv import UsageError
+    with pytest.raises(UsageError, match="holds 2 encoders: clip_l, clip_g") as e:
+        make_plan(_xl(tmp_path), to="openai")
+    assert "--encoder" in str(e.value)
+    with pytest.raises(UsageError, match="holds no clip_h encoder; it holds clip_l, clip_g"):
+        make_plan(_xl(tmp_path), to="openai", encoder="clip_h")
+
+
+def test_encoder_all_into_single_encoder_layout_splits(tmp_path):
+    src = _xl(tmp_path)
+    r = convert(src, tmp_path / "out.safetensors", to="openai", encoder="all")
+    assert [p.name for p in r.outputs] == ["out.clip_l.safetensors", "out.clip_g.safetensors"]
+    g = read_all(tmp_path / "out.clip_g.safetensors")
+    assert "text_projection" in g and "text_projection" not in read_all(tmp_path / "out.clip_l.safetensors")
+    r = convert(src, tmp_path / "te", to="hf", encoder="all")
+    assert [p.name for p in r.outputs] == ["te.clip_l", "te.clip_g"]
+
+
+def test_encoder_all_into_multi_encoder_layout_is_one_output(tmp_path):
+    import json
+    r = convert(_xl(tmp_path), tmp_path / "pipe", to="diffusers", encoder="all")
+    assert r.outputs == [tmp_path / "pipe"]
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["text_encoder", "text_encoder_2"]
+    cfg2 = json.loads((tmp_path / "pipe" / "text_encoder_2" / "config.json").read_text())
+    assert cfg2["architectures"] == ["CLIPTextModelWithProjection"] and cfg2["hidden_act"] == "gelu"
+    back = convert(tmp_path / "pipe", tmp_path / "xl2.safetensors", to="sgm", encoder="all")
+    assert {e.identity for e in back.plan.encoders} == {"clip_l", "clip_g"}
+    a, b = read_all(tmp_path / "xl.safetensors"), read_all(tmp_path / "xl2.safetensors")
+    a.pop("model.diffusion_model.x")
+    a.pop("conditioner.embedders.1.model.logit_scale")      # diffusers cannot hold it (and said so)
+    assert any("logit_scale" in n for n in r.plan.notes)
+    _same(a, b)
+
+
+def test_target_without_a_place_for_the_kind(tmp_path):
+    from sdconv import UsageError
+    from fixtures import write_multi
+    sd2 = write_multi(tmp_path / "sd2.safetensors", "ldm", {"clip_h": distinct_canonical(vocab=1000)})
+    with pytest.raises(UsageError, match="sd3 has no place for a clip_h encoder"):
+        make_plan(sd2, to="sd3")
+
+
+def test_sd2_into_diffusers_is_lossy_and_says_so(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from fixtures import write_multi
+    sd2 = write_multi(tmp_path / "sd2.safetensors", "ldm", {"clip_h": distinct_canonical(vocab=1000, layers=3)})
+    r = convert(sd2, tmp_path / "pipe", to="diffusers")
+    notes = " ".join(r.plan.notes)
+    assert "dropped block 2 of 0..2" in notes and "penultimate" in notes
+    assert "text_proj.weight" in notes and "logit_scale" in notes
+    te = tmp_path / "pipe" / "text_encoder"
+    assert json.loads((te / "config.json").read_text())["num_hidden_layers"] == 2
+    with safe_open(str(te / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        assert not any(".layers.2." in k or "text_projection" in k for k in f.keys())
+    assert "dropped block 2" in meta["sdconv.notes"]
+    assert json.loads(meta["sdconv.encoders"])["clip_h"]["absent_last_blocks"] == 1
+    # and back: 2 blocks, the last one said to be absent, nothing made up
+    back = convert(tmp_path / "pipe", tmp_path / "sd2b.safetensors", to="ldm", params={"encoder": "clip_h"})
+    assert back.plan.encoders[0].layers_out == 2
+    assert not any(k.endswith("text_projection") for k in read_all(tmp_path / "sd2b.safetensors"))
