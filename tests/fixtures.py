@@ -16,7 +16,8 @@ TINY = {"vocab": 49408, "context": 77, "width": 128, "ffn": 512, "layers": 2}
 
 
 def distinct_canonical(with_proj=True, with_logit_scale=True, seed=0, width=128, layers=2, vocab=49408) -> dict:
-    return dict(_distinct_canonical(with_proj, with_logit_scale, seed, width, layers, vocab))
+    # copies: a test that edits a tensor must not change the cached one other tests use
+    return {k: v.clone() for k, v in _distinct_canonical(with_proj, with_logit_scale, seed, width, layers, vocab).items()}
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,52 +9,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from .containers import DTYPE_SIZE, open_source
 from .registry import DEFAULT, Registry
+from .synthetic import decode, findings, projection_look, scalar
 
 INSPECT_VERSION = 1
-_FMT = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b", "U8": "B"}
-
-
-def decode(raw: bytes, dtype: str) -> list:
-    """Little-endian bytes to Python numbers (bf16 widened to f32 by shifting)."""
-    if dtype == "BF16":
-        raw = b"".join(b"\x00\x00" + raw[i:i + 2] for i in range(0, len(raw), 2))
-        dtype = "F32"
-    if dtype not in _FMT:
-        raise ValueError(f"cannot decode {dtype}")
-    return list(struct.unpack(f"<{len(raw) // DTYPE_SIZE[dtype]}{_FMT[dtype]}", raw))
-
-
-def _one(dtype: str) -> bytes:
-    if dtype == "BF16":
-        return struct.pack("<f", 1.0)[2:]
-    return struct.pack(f"<{_FMT[dtype]}", 1)
-
-
-def projection_look(raw: bytes, shape: tuple, dtype: str) -> str:
-    """identity / all_ones / zeros / trained, by comparing bytes (fast even for 1280x1280)."""
-    if dtype not in _FMT and dtype != "BF16":
-        return "unknown"
-    size = DTYPE_SIZE[dtype]
-    one, zero = _one(dtype), b"\x00" * size
-    n = 1
-    for d in shape:
-        n *= d
-    if raw == one * n:
-        return "all_ones"
-    if raw == zero * n:
-        return "zeros"
-    if len(shape) == 2 and shape[0] == shape[1]:
-        rows, cols = shape
-        ident = bytearray(zero * n)
-        for i in range(rows):
-            ident[(i * cols + i) * size:(i * cols + i + 1) * size] = one
-        if raw == bytes(ident):
-            return "identity"
-    return "trained"
-
-
 def position_ids_health(raw: bytes, dtype: str, context: int) -> dict:
     """exact (int, 0..C-1) / drifted (float, rounds back to 0..C-1: recoverable) / corrupt
     (anything else). bad_indices: for drifted, where runtimes that truncate (transformers
@@ -105,17 +63,10 @@ def inspect(input, from_: str | None = None, registry: Registry = DEFAULT) -> di
                 n *= d
             params += n
         proj = {"present": False}
-        proj_op = next((op for op in rp.ops if "text_proj.weight" in op.canonical), None)
-        if proj_op is not None:
-            k = proj_op.keys[0]
-            info = source.info(k)
-            proj = {"present": True, "dim": f.arch.get("proj"), "key": k,
-                    "looks_like": projection_look(source.raw(k), info.shape, info.dtype)}
-        logit = None
-        ls_op = next((op for op in rp.ops if "logit_scale" in op.canonical), None)
-        if ls_op is not None:
-            info = source.info(ls_op.keys[0])
-            logit = decode(source.raw(ls_op.keys[0]), info.dtype)[0]
+        look = projection_look(source, rp)
+        if look is not None:
+            proj = {"present": True, "dim": f.arch.get("proj"), "key": look[0], "looks_like": look[1]}
+        logit = scalar(source, rp, "logit_scale")
         pid = {"status": "absent"}
         if "position_ids" in rp.buffers:
             k = rp.buffers["position_ids"]
@@ -130,6 +81,7 @@ def inspect(input, from_: str | None = None, registry: Registry = DEFAULT) -> di
             "param_origin": f.param_origin, "absent_last_blocks": f.absent_last,
             "dtypes": dtypes, "parameters": params, "bytes": sum(i.nbytes for i in infos),
             "projection": proj, "logit_scale": logit, "position_ids": pid,
+            "synthetic": findings(source, rp),
             "notes": rp.notes + f.notes,
         })
     components: dict = {}
@@ -177,6 +129,8 @@ def render(report: dict) -> str:
         pid = e["position_ids"]
         extra = f", wrong at {pid['bad_indices'][:10]}" if pid.get("bad_indices") else ""
         lines.append(f"  position_ids: {pid['status']}{' (' + pid['dtype'] + ')' if 'dtype' in pid else ''}{extra}")
+        for n in e["synthetic"]:
+            lines.append(f"  SYNTHETIC? {n}")
         for n in e["notes"]:
             lines.append(f"  note: {n}")
     if report["components"]:

@@ -1,0 +1,125 @@
+"""Synthetic-weight detector: placeholders that tools put where real weights belong.
+
+Flags an identity / all-ones / zero projection (ComfyUI and diffusers fill a missing CLIP-L
+projection with an identity), a block that duplicates its neighbour (padding fabricated to
+reach a layer count), a logit_scale far from a trained CLIP's, and (deep) NaN/Inf values.
+Shallow checks decode a few small tensors from raw bytes (no torch on .safetensors); deep
+checks load every tensor. Shared by inspect, projection grafts and verify.
+"""
+from __future__ import annotations
+
+import re
+import struct
+
+from .containers import DTYPE_SIZE
+from .plan import LAYER, ReadPlan
+
+_FMT = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b", "U8": "B"}
+
+
+def decode(raw: bytes, dtype: str) -> list:
+    """Little-endian bytes to Python numbers (bf16 widened to f32 by shifting)."""
+    if dtype == "BF16":
+        raw = b"".join(b"\x00\x00" + raw[i:i + 2] for i in range(0, len(raw), 2))
+        dtype = "F32"
+    if dtype not in _FMT:
+        raise ValueError(f"cannot decode {dtype}")
+    return list(struct.unpack(f"<{len(raw) // DTYPE_SIZE[dtype]}{_FMT[dtype]}", raw))
+
+
+def _one(dtype: str) -> bytes:
+    if dtype == "BF16":
+        return struct.pack("<f", 1.0)[2:]
+    return struct.pack(f"<{_FMT[dtype]}", 1)
+
+
+def matrix_look(raw: bytes, shape: tuple, dtype: str) -> str:
+    """identity / all_ones / zeros / trained, by comparing bytes (fast even for 1280x1280)."""
+    if dtype not in _FMT and dtype != "BF16":
+        return "unknown"
+    size = DTYPE_SIZE[dtype]
+    one, zero = _one(dtype), b"\x00" * size
+    n = 1
+    for d in shape:
+        n *= d
+    if raw == one * n:
+        return "all_ones"
+    if raw == zero * n:
+        return "zeros"
+    if len(shape) == 2 and shape[0] == shape[1]:
+        rows, cols = shape
+        ident = bytearray(zero * n)
+        for i in range(rows):
+            ident[(i * cols + i) * size:(i * cols + i + 1) * size] = one
+        if raw == bytes(ident):
+            return "identity"
+    return "trained"
+
+
+def _op_with(rp: ReadPlan, canonical: str):
+    return next((op for op in rp.ops if canonical in op.canonical), None)
+
+
+def projection_look(source, rp: ReadPlan, canonical: str = "text_proj.weight") -> tuple[str, str] | None:
+    """(key, look) of the encoder's projection, or None without one."""
+    op = _op_with(rp, canonical)
+    if op is None:
+        return None
+    info = source.info(op.keys[0])
+    return op.keys[0], matrix_look(source.raw(op.keys[0]), info.shape, info.dtype)
+
+
+def scalar(source, rp: ReadPlan, canonical: str) -> float | None:
+    op = _op_with(rp, canonical)
+    if op is None:
+        return None
+    return decode(source.raw(op.keys[0]), source.info(op.keys[0]).dtype)[0]
+
+
+def duplicate_blocks(source, rp: ReadPlan) -> list[int]:
+    """Blocks i whose every small tensor (norms, biases) equals block i-1's byte for byte."""
+    fam = rp.layout.family
+    pats = [(re.compile(re.escape(t.name).replace(re.escape(LAYER), r"(\d+)")), t) for t in fam.tensors
+            if LAYER in t.name and len(t.shape) == 1]
+    per_layer: dict[int, dict[str, str]] = {}
+    for op in rp.ops:
+        for p, t in pats:
+            m = p.fullmatch(op.canonical[0])
+            if m:
+                per_layer.setdefault(int(m.group(1)), {})[t.name] = op.keys[0]
+    raw: dict[str, bytes] = {}
+
+    def get(k):
+        if k not in raw:
+            raw[k] = source.raw(k)
+        return raw[k]
+    dups = []
+    for i in range(1, rp.layers):
+        a, b = per_layer.get(i - 1, {}), per_layer.get(i, {})
+        if a and a.keys() == b.keys() and all(get(a[n]) == get(b[n]) for n in a):
+            dups.append(i)
+    return dups
+
+
+def findings(source, rp: ReadPlan, deep: bool = False) -> list[str]:
+    """What looks fabricated in this encoder, each in a sentence naming the tensor."""
+    out = []
+    proj = projection_look(source, rp)
+    if proj is not None and proj[1] in ("identity", "all_ones", "zeros"):
+        out.append(f"{proj[0]} is {proj[1].replace('_', ' ')}: a placeholder, not a trained projection")
+    fam = rp.layout.family
+    spec = fam.spec("logit_scale")
+    value = scalar(source, rp, "logit_scale")
+    if value is not None and spec is not None and spec.sample is not None and abs(value - spec.sample) > 0.05:
+        out.append(f"logit_scale is {value:.4f}, far from a trained CLIP's {spec.sample} (ln 100); "
+                   f"2.6593 = ln(1/0.07) is CLIP's untrained initial value")
+    for i in duplicate_blocks(source, rp):
+        out.append(f"block {i} repeats block {i - 1} (its norms and biases are byte-identical): padding?")
+    if deep:
+        import torch
+        for op in rp.ops:
+            for k in op.keys:
+                t = source.load(k)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    out.append(f"{k} holds NaN or Inf values")
+    return out
