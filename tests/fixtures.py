@@ -42,6 +42,8 @@ def _distinct_canonical(with_proj, with_logit_scale, seed, width, layers, vocab)
             vals = (torch.randperm(numel, generator=g).double() + offset) * 1e-7 - 0.1
             out[n] = vals.float().reshape(shape)
             offset += numel
+    if "logit_scale" in out:
+        out["logit_scale"] = torch.tensor(4.6052)       # what trained CLIPs hold (a random one looks fake)
     return out
 
 

@@ -32,10 +32,17 @@ def _params(values) -> dict:
 @click.option("--encoder", default=None, metavar="NAME|all",
               help="Which encoder of a checkpoint that holds several (SDXL: clip_l, clip_g), or all. With all, a "
                    "layout that holds one encoder gets one output each: OUTPUT's name + .<encoder> before the suffix.")
+@click.option("--projection", "projection", type=click.Path(), default=None, metavar="REF",
+              help="Graft the text projection (and logit_scale) of the reference CLIP REF (any layout) onto the "
+                   "encoder, e.g. OpenAI ViT-L/14 for an SD1.x encoder. Widths must match.")
+@click.option("--replace-projection", is_flag=True, help="Allow --projection to replace a projection the encoder has.")
+@click.option("--allow-synthetic", is_flag=True,
+              help="Accept a reference whose projection or logit_scale looks like a placeholder.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layout, architecture, every tensor) and write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def convert(input, output, to, from_, fmt, dtype, params, encoder, force, dry_run, quiet):
+def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
+            force, dry_run, quiet):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
     INPUT is a .safetensors, .ckpt/.pt/.pth/.bin file, or a model folder. Folder layouts
@@ -48,6 +55,7 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, force, dry_ru
       sdconv convert clip-l-hf -o clip-l.pt --to open_clip --format pt
       sdconv convert openclip-h.bin -o h --to hf --param act=gelu
       sdconv convert v1-5.safetensors -o x --to hf --dry-run
+      sdconv convert v1-5.safetensors -o clip-l.safetensors --to openai --projection ViT-L-14.pt
       sdconv convert sdxl.safetensors -o te --to diffusers --encoder all
       sdconv convert sdxl.safetensors -o g.safetensors --to open_clip --encoder clip_g
       sdconv convert sdxl.safetensors -o clip.safetensors --to openai --encoder all
@@ -56,7 +64,8 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, force, dry_ru
     from ..converters.engine import convert as run_convert, make_plans
 
     kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype,
-              encoder=encoder)
+              encoder=encoder, projection=projection, replace_projection=replace_projection,
+              allow_synthetic=allow_synthetic)
     if dry_run:
         for plan in make_plans(input, output=output, **kw):
             click.echo(plan.describe())

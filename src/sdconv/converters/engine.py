@@ -16,7 +16,7 @@ from . import configs
 from .containers import (AtomicOutput, Source, dominant_dtype, format_for, open_source, save_tensors, sha256_of,
                          torch_dtype_code)
 from .detect import Verdict, detect, read_layout
-from .errors import LayoutError, OutputError, UsageError
+from .errors import InputError, LayoutError, OutputError, UsageError
 from .execute import DTYPES, run
 from .plan import (BufferOp, ReadPlan, WriteOp, absent_last_blocks, identify, infer_arch, plan_write, resolve_params)
 from .registry import DEFAULT, Registry, ResolvedLayout
@@ -42,6 +42,15 @@ class EncoderPlan:
     layers_out: int
     absent_last: int = 0        # last blocks the written encoder lacks (e.g. diffusers' SD2)
     notes: list[str] = field(default_factory=list)
+    grafts: dict = field(default_factory=dict)      # canonical -> Graft
+
+    def source_op(self, canonical: str):
+        g = self.grafts.get(canonical)
+        return (g.source, g.op) if g else (None, self.read.op_for(canonical))
+
+    def dtype_of(self, canonical: str) -> str:
+        g = self.grafts.get(canonical)
+        return g.source.info(g.op.keys[0]).dtype if g else self.read.dtypes[canonical]
 
     @property
     def arch_out(self) -> dict:
@@ -53,7 +62,7 @@ class EncoderPlan:
     def bytes_to_write(self, dtype: str) -> int:
         total = 0
         for op in self.ops:
-            code = self.out_dtype(self.read.dtypes[op.canonical[0]], dtype)
+            code = self.out_dtype(self.dtype_of(op.canonical[0]), dtype)
             for s in op.shapes:
                 n = 1
                 for d in s:
@@ -133,8 +142,9 @@ class Plan:
             for op in e.ops:
                 srcs = []
                 for c in op.canonical:
-                    rop = e.read.op_for(c)
-                    srcs.append(rop.keys[0] + ("" if rop.transform == "rename" else f" [{rop.transform}]"))
+                    gsrc, rop = e.source_op(c)
+                    where = f"{Path(gsrc.path).name}:" if gsrc is not None else ""
+                    srcs.append(where + rop.keys[0] + ("" if rop.transform == "rename" else f" [{rop.transform}]"))
                 t = "" if op.transform == "rename" else f" [inverse of {op.transform}]"
                 lines.append(f"    {', '.join(op.canonical)} <- {', '.join(dict.fromkeys(srcs))} -> "
                              f"{', '.join(op.keys)}{t}")
@@ -186,6 +196,19 @@ def _input_params(source: Source, rp: ReadPlan, arch: dict):
 
 
 @dataclass
+class Graft:
+    """A canonical tensor taken from a reference file instead of the input."""
+    source: Source
+    op: object                  # the reference's ReadOp
+    layout: str
+    sha256: str
+
+    def record(self) -> dict:
+        return {"file": Path(self.source.path).name, "sha256": self.sha256, "key": self.op.keys[0],
+                "layout": self.layout}
+
+
+@dataclass
 class Found:
     """An encoder read from the input, with everything known about it."""
     read: ReadPlan
@@ -196,6 +219,7 @@ class Found:
     param_origin: dict
     absent_last: int
     notes: list[str]
+    grafts: dict = field(default_factory=dict)
 
 
 def read_input(input, from_: str | None = None, given: dict | None = None, registry: Registry = DEFAULT):
@@ -232,6 +256,50 @@ def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
     return found
 
 
+GRAFTED = ("text_proj.weight", "logit_scale")     # what --projection takes from the reference
+
+
+def plan_grafts(found: list[Found], reference, replace: bool, allow_synthetic: bool, registry: Registry):
+    """Take each encoder's text projection (and logit_scale) from `reference`: the reference
+    encoder of the same width. Refuses placeholders, and a projection the input already has."""
+    from .synthetic import findings
+    ref_source, ref_reads, _ = read_input(reference, None, {}, registry)
+    ref_found = analyse(ref_source, ref_reads, {})
+    with_proj = [r for r in ref_found if "text_proj.weight" in r.read.shapes]
+    if not with_proj:
+        raise UsageError(f"{reference}: its encoder has no text projection to graft",
+                         "use a full CLIP (OpenAI, open_clip or transformers CLIPModel) as --projection")
+    sha = sha256_of(ref_source.files())
+    for f in found:
+        width = f.arch["width"]
+        match = [r for r in with_proj if r.arch["width"] == width]
+        if not match:
+            have = ", ".join(f"{r.arch['width']} ({r.identity})" for r in with_proj)
+            raise UsageError(f"--projection {reference}: no encoder of width {width} ({f.identity}) in it; "
+                             f"widths found: {have}", "use the reference CLIP this encoder was trained as")
+        r = match[0]
+        if "text_proj.weight" in f.read.shapes and not replace:
+            raise UsageError(f"{f.identity} already has a text projection",
+                             "pass --replace-projection to replace it with the reference's")
+        fake = [x for x in findings(ref_source, r.read) if "projection" in x or "logit_scale" in x]
+        if fake and not allow_synthetic:
+            raise InputError(f"--projection {reference}: {fake[0]}",
+                             "use a real CLIP as the reference, or pass --allow-synthetic")
+        if f.identity == "clip_g":
+            f.notes.append("bigG's own projection is trained and used by SDXL (pooled output); the grafted "
+                           "one replaces it" if "text_proj.weight" in f.read.shapes else
+                           "bigG's projection is trained and used by SDXL; this encoder had none")
+        f.grafts = {}
+        for c in GRAFTED:
+            if c in r.read.shapes:
+                op = r.read.op_for(c)
+                f.grafts[c] = Graft(ref_source, op, r.read.layout.name, sha)
+                f.read.shapes[c] = r.read.shapes[c]
+        f.arch = infer_arch(f.read.layout.family, {**f.read.shapes}, f.read.layers)
+        f.notes.append(f"grafted {', '.join(f.grafts)} from {reference} ({r.read.layout.name} "
+                       f"{r.identity}, key {f.grafts['text_proj.weight'].op.keys[0]})")
+
+
 def _target_slot(target: ResolvedLayout, identity: str, kinds) -> tuple[Slot, list[str]]:
     slots = target.layout.slots
     if identity in slots:
@@ -254,6 +322,7 @@ def _split_name(output: Path, identity: str) -> Path:
 
 def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str | None = None,
                dtype: str = "keep", output=None, encoder: str | None = None,
+               projection=None, replace_projection: bool = False, allow_synthetic: bool = False,
                registry: Registry = DEFAULT) -> list[Plan]:
     """Plan a conversion: one Plan per output (several only with encoder='all' into a layout
     that holds one encoder)."""
@@ -278,6 +347,8 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
             raise UsageError(f"{source.path} holds no {encoder} encoder; it holds {', '.join(names)}",
                              f"use --encoder {' or '.join(names)}")
 
+    if projection is not None:
+        plan_grafts(found, projection, replace_projection, allow_synthetic, registry)
     encs = []
     for f in found:
         tslot, slot_notes = _target_slot(target, f.identity, family.kinds)
@@ -285,7 +356,7 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
                                                       f.absent_last)
         encs.append(EncoderPlan(f.read, f.identity, f.identity_origin, f.arch, f.params, f.param_origin, tslot, ops,
                                 buffers, layers_out, f.absent_last + f.read.layers - layers_out,
-                                f.notes + slot_notes + wnotes))
+                                f.notes + slot_notes + wnotes, f.grafts))
 
     if output is not None:
         output = Path(output)
@@ -332,7 +403,8 @@ def _metadata(plan: Plan, sha: str) -> dict:
         "sdconv.from": plan.read.layout.name,
         "sdconv.to": plan.target.name,
         "sdconv.encoders": json.dumps({e.identity: {"slot": e.slot.name, "params": e.params, "arch": e.arch_out,
-                                                    "absent_last_blocks": e.absent_last}
+                                                    "absent_last_blocks": e.absent_last,
+                                                    "grafted": {c: g.record() for c, g in e.grafts.items()}}
                                        for e in plan.encoders}, sort_keys=True),
         "sdconv.notes": json.dumps(plan.notes),
     }
@@ -360,14 +432,16 @@ class Result:
 
 
 def convert(input, output, to: str, from_: str | None = None, params=None, fmt: str | None = None,
-            dtype: str = "keep", force: bool = False, encoder: str | None = None, registry: Registry = DEFAULT,
+            dtype: str = "keep", force: bool = False, encoder: str | None = None, projection=None,
+            replace_projection: bool = False, allow_synthetic: bool = False, registry: Registry = DEFAULT,
             progress=None) -> Result:
     """Convert the text encoder(s) in `input` to layout `to`, written at `output` atomically.
 
     `encoder` picks one encoder of a multi-encoder checkpoint, or 'all'. `progress`, if
     given, is a tqdm-like bar: reset(total=bytes) once, then update(bytes)."""
     output = Path(output)
-    plans = make_plans(input, to, from_, params, fmt, dtype, output, encoder, registry)
+    plans = make_plans(input, to, from_, params, fmt, dtype, output, encoder, projection, replace_projection,
+                       allow_synthetic, registry)
     folder = plans[0].target.layout.output == "folder"
     for p in plans:
         _check_output(p, p.output)
@@ -379,7 +453,8 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
     for p, guard in zip(plans, guards):
         with guard as tmp:
             per_encoder = [run(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
-                               progress.update if progress is not None else None) for e in p.encoders]
+                               progress.update if progress is not None else None,
+                               {c: (g.source, g.op) for c, g in e.grafts.items()}) for e in p.encoders]
             written = write_output(p, per_encoder, tmp, _metadata(p, sha))
         files += [p.output / f.relative_to(tmp) if folder else p.output for f in written]
     return Result(plans, [p.output for p in plans], files, sha)

@@ -8,8 +8,9 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def run(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
-        progress=None) -> dict:
-    """Return {target key: tensor}. Canonical tensors live only until the op that needs them."""
+        progress=None, grafts: dict | None = None) -> dict:
+    """Return {target key: tensor}. Canonical tensors live only until the op that needs them.
+    `grafts`: {canonical name: (source, ReadOp)} read from another file (a reference CLIP)."""
     import torch
     cast = getattr(torch, DTYPES[dtype]) if dtype != "keep" else None
     cache: dict = {}
@@ -17,8 +18,8 @@ def run(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch:
     for op in ops:
         for c in op.canonical:
             if c not in cache:
-                rop = rp.op_for(c)
-                tensors = [source.load(k) for k in rop.keys]
+                src, rop = (grafts or {}).get(c) or (source, rp.op_for(c))
+                tensors = [src.load(k) for k in rop.keys]
                 for name, t in zip(rop.canonical, TRANSFORMS[rop.transform].read(tensors)):
                     cache[name] = t
         written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])

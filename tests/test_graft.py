@@ -1,0 +1,113 @@
+"""--projection: graft a reference CLIP's text projection (and logit_scale) onto an SD encoder."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import consumers as C
+from fixtures import distinct_canonical, read_all, write_layout, write_multi
+from sdconv import InputError, UsageError, convert, make_plan
+from sdconv.converters.containers import sha256_of
+
+
+def oc_to_hf(oc: dict) -> dict:
+    """OpenAI text names -> transformers text_model.* (hand-written, the inverse of consumers.hf_to_oc)."""
+    hf = {"text_model.embeddings.token_embedding.weight": oc["token_embedding.weight"],
+          "text_model.embeddings.position_embedding.weight": oc["positional_embedding"],
+          "text_model.final_layer_norm.weight": oc["ln_final.weight"],
+          "text_model.final_layer_norm.bias": oc["ln_final.bias"]}
+    n = 1 + max(int(k.split(".")[2]) for k in oc if k.startswith("transformer.resblocks."))
+    for i in range(n):
+        o, h = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for s in ("weight", "bias"):
+            hf[h + f"layer_norm1.{s}"] = oc[o + f"ln_1.{s}"]
+            hf[h + f"layer_norm2.{s}"] = oc[o + f"ln_2.{s}"]
+            for x, chunk in zip("qkv", oc[o + f"attn.in_proj_{s}"].chunk(3, 0)):
+                hf[h + f"self_attn.{x}_proj.{s}"] = chunk
+            hf[h + f"self_attn.out_proj.{s}"] = oc[o + f"attn.out_proj.{s}"]
+            hf[h + f"mlp.fc1.{s}"] = oc[o + f"mlp.c_fc.{s}"]
+            hf[h + f"mlp.fc2.{s}"] = oc[o + f"mlp.c_proj.{s}"]
+    return {k: v.detach().clone().contiguous() for k, v in hf.items()}
+
+
+@pytest.fixture(scope="module")
+def ref_and_sd1(tmp_path_factory):
+    """A tiny OpenAI CLIP (the reference) and an SD1.x checkpoint holding the same text tower."""
+    d = tmp_path_factory.mktemp("graft")
+    m = C.openai_model()
+    C.seeded_randn_(m, 7)
+    with torch.no_grad():
+        m.logit_scale.fill_(4.6052)
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    torch.save(sd, d / "ViT-tiny.pt")
+    text = {k: v for k, v in sd.items() if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
+    ldm = {"cond_stage_model.transformer." + k: v for k, v in oc_to_hf(text).items()}
+    ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    ldm["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4)
+    torch.save({"state_dict": ldm, "global_step": 1}, d / "sd1.ckpt")
+    return d, m
+
+
+def test_graft_gives_the_reference_clip_text_features(ref_and_sd1, tmp_path):
+    d, m = ref_and_sd1
+    r = convert(d / "sd1.ckpt", tmp_path / "clip-l.safetensors", to="openai", from_="ldm",
+                projection=d / "ViT-tiny.pt")
+    ids = C.token_ids()
+    got = C.load_openai_clip(tmp_path / "clip-l.safetensors", has_proj=True, has_logit_scale=True).forward(ids)
+    with torch.no_grad():
+        want = m.encode_text(ids)
+    torch.testing.assert_close(got[2], want, atol=1e-5, rtol=0)
+    # the final layer norm is the checkpoint's, the projection the reference's, and it is recorded
+    out = read_all(tmp_path / "clip-l.safetensors")
+    assert torch.equal(out["text_projection"], m.text_projection.detach())
+    with safe_open(str(tmp_path / "clip-l.safetensors"), "pt") as f:
+        g = json.loads(f.metadata()["sdconv.encoders"])["clip_l"]["grafted"]
+    assert g["text_proj.weight"] == {"file": "ViT-tiny.pt", "key": "text_projection", "layout": "open_clip",
+                                     "sha256": sha256_of([d / "ViT-tiny.pt"])} or \
+        g["text_proj.weight"]["layout"] == "openai"
+    assert g["logit_scale"]["key"] == "logit_scale"
+    assert any("grafted text_proj.weight, logit_scale" in n for n in r.plan.notes)
+
+
+def test_graft_from_a_transformers_reference_transposes_by_itself(ref_and_sd1, tmp_path):
+    d, m = ref_and_sd1
+    convert(d / "ViT-tiny.pt", tmp_path / "ref-hf", to="hf")              # text_projection.weight [P, W]
+    convert(d / "sd1.ckpt", tmp_path / "a.safetensors", to="openai", projection=tmp_path / "ref-hf")
+    assert torch.equal(read_all(tmp_path / "a.safetensors")["text_projection"], m.text_projection.detach())
+    convert(d / "sd1.ckpt", tmp_path / "h", to="hf", projection=d / "ViT-tiny.pt")
+    got = C.load_transformers(tmp_path / "h", True).forward(C.token_ids())
+    with torch.no_grad():
+        torch.testing.assert_close(got[2], m.encode_text(C.token_ids()), atol=1e-5, rtol=0)
+
+
+def test_width_mismatch_names_the_widths(ref_and_sd1, tmp_path):
+    d, _ = ref_and_sd1
+    other = write_layout(distinct_canonical(vocab=1000, width=64), tmp_path / "w64.safetensors", "openai")
+    with pytest.raises(UsageError, match=r"no encoder of width 128 .*widths found: 64"):
+        make_plan(d / "sd1.ckpt", to="openai", projection=other)
+
+
+def test_existing_projection_needs_replace(ref_and_sd1, tmp_path):
+    d, _ = ref_and_sd1
+    with pytest.raises(UsageError, match="already has a text projection"):
+        make_plan(d / "ViT-tiny.pt", to="hf", projection=d / "ViT-tiny.pt")
+    assert make_plan(d / "ViT-tiny.pt", to="hf", projection=d / "ViT-tiny.pt", replace_projection=True)
+
+
+def test_bigg_graft_warns(tmp_path):
+    xl = write_multi(tmp_path / "xl.safetensors", "sgm", {"clip_g": distinct_canonical(vocab=1000)})
+    ref = write_layout(distinct_canonical(vocab=1000, seed=3), tmp_path / "ref.safetensors", "openai")
+    plan = make_plan(xl, to="hf", projection=ref, replace_projection=True)
+    assert any("trained and used by SDXL" in n for n in plan.notes)
+
+
+def test_placeholder_reference_refused(ref_and_sd1, tmp_path):
+    d, _ = ref_and_sd1
+    canon = distinct_canonical(vocab=1000)
+    canon["text_proj.weight"] = torch.eye(128)
+    fake = write_layout(canon, tmp_path / "fake.safetensors", "comfy")
+    with pytest.raises(InputError, match="identity") as e:
+        make_plan(d / "sd1.ckpt", to="openai", projection=fake)
+    assert "--allow-synthetic" in str(e.value)
+    assert make_plan(d / "sd1.ckpt", to="openai", projection=fake, allow_synthetic=True)
