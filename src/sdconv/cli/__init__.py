@@ -47,6 +47,7 @@ def main(ctx, debug):
       sdconv inspect model.safetensors
       sdconv convert model.safetensors -o clip-l.safetensors --to openai
       sdconv convert model.ckpt -o text_encoder_hf --to hf --dry-run
+      sdconv verify clip-l.safetensors ViT-L-14.pt
     """
     ctx.ensure_object(dict)["debug"] = debug
 
@@ -55,3 +56,4 @@ from . import convert as _convert  # noqa: E402,F401  (registers the commands)
 from . import inspect as _inspect  # noqa: E402,F401
 from . import layouts as _layouts  # noqa: E402,F401
 from . import sample as _sample  # noqa: E402,F401
+from . import verify as _verify  # noqa: E402,F401

@@ -33,3 +33,12 @@ def run(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch:
         shape = [arch[s] if isinstance(s, str) else s for s in b.shape]
         out[b.key] = synthesize(b.synthesize, shape)
     return out
+
+
+def load_canonical(source, rp: ReadPlan) -> dict:
+    """Every canonical tensor of a read plan, as stored (verify compares them)."""
+    out = {}
+    for op in rp.ops:
+        for name, t in zip(op.canonical, TRANSFORMS[op.transform].read([source.load(k) for k in op.keys])):
+            out[name] = t
+    return out

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import EXIT_CODES, main
+from .convert import _params
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--encoder", default=None, metavar="NAME", help="Which encoder, when a file holds several.")
+@click.option("--from-a", default=None, metavar="LAYOUT", help="Layout of A (default: detect).")
+@click.option("--from-b", default=None, metavar="LAYOUT", help="Layout of B (default: detect).")
+@click.option("--param-a", multiple=True, metavar="NAME=VALUE", help="heads=N / act=... / encoder=... for A.")
+@click.option("--param-b", multiple=True, metavar="NAME=VALUE", help="heads=N / act=... / encoder=... for B.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A text file, one prompt a line, to run besides the built-in probes (needs --tokenizer).")
+@click.option("--tokenizer", type=click.Path(exists=True), default=None,
+              help="A CLIP tokenizer folder (vocab.json + merges.txt); needs the transformers package.")
+@click.option("--atol", type=float, default=1e-5, show_default=True,
+              help="Largest output difference accepted when the weights differ.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def verify(a, b, encoder, from_a, from_b, param_a, param_b, prompts, tokenizer, atol, as_json):
+    """Compare two text encoders numerically: are A and B the same model?
+
+    Both run through sdconv's reference CLIP forward pass (plain torch, fp32) on fixed probe
+    sequences (end-of-text early, mid-way and last; both padding conventions). Reports, per
+    probe, cosine and max-abs of the last hidden state, pooled and projected outputs, and a
+    verdict: identical; equal up to a dtype's rounding (fp16, bf16); or different weights,
+    with the relative drift of each block so a fine-tuned layer stands out.
+
+    Exit 0 when identical, equal up to rounding, or within --atol; 1 otherwise.
+
+    \b
+    Examples:
+      sdconv verify clip-l.safetensors ViT-L-14.pt
+      sdconv verify sd15.safetensors sd15-finetuned.safetensors --json
+      sdconv verify xl.safetensors xl-merge.safetensors --encoder clip_g
+    """
+    from ..converters.verify import render, verify as run
+
+    lines = None
+    if prompts:
+        lines = [ln.strip() for ln in open(prompts, encoding="utf-8") if ln.strip()]
+    report = run(a, b, encoder, from_a, from_b, _params(param_a), _params(param_b), lines, tokenizer, atol)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    sys.exit(report["exit_code"])

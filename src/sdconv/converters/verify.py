@@ -1,0 +1,195 @@
+"""`sdconv verify A B`: are two text encoders the same model?
+
+Both are read from any layout and container, run through one reference forward pass
+(forward.py, plain torch, fp32) on fixed probe sequences (and prompts, given a tokenizer), and
+compared output by output. The weights are compared too, which is what explains the outputs:
+identical; equal up to a dtype's rounding (why a cosine is 0.99994 and not 1); or different,
+with the relative drift of each block so a fine-tuned layer stands out.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .plan import LAYER
+
+ROUNDINGS = ("float16", "bfloat16")
+
+
+@dataclass
+class Side:
+    path: str
+    layout: str
+    encoder: str
+    params: dict
+    canon: dict                 # canonical tensors as stored
+    dtypes: dict                # dtype name -> count
+    family: object
+
+
+def load_side(path, from_=None, encoder=None, params=None) -> Side:
+    from .engine import _parse_params, analyse, read_input
+    from .execute import load_canonical
+
+    given = _parse_params(params)
+    source, reads, _ = read_input(path, from_, given)
+    found = analyse(source, reads, given)
+    names = [f.identity for f in found]
+    if encoder:
+        found = [f for f in found if f.identity == encoder]
+        if not found:
+            raise UsageError(f"{path} holds no {encoder} encoder; it holds {', '.join(names)}")
+    elif len(found) > 1:
+        raise UsageError(f"{path} holds {len(found)} encoders: {', '.join(names)}", "choose one with --encoder NAME")
+    f = found[0]
+    canon = load_canonical(source, f.read)
+    dtypes: dict = {}
+    for t in canon.values():
+        dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
+    return Side(str(path), f.read.layout.name, f.identity, f.params, canon, dtypes, f.read.layout.family)
+
+
+def _group(family, name: str) -> str:
+    """Which part of the encoder a canonical tensor belongs to: 'block 3', or its own name."""
+    for t in family.tensors:
+        if LAYER in t.name:
+            m = re.fullmatch(re.escape(t.name).replace(re.escape(LAYER), r"(\d+)"), name)
+            if m:
+                return f"block {m.group(1)}"
+    return name.rsplit(".", 1)[0]
+
+
+def compare_weights(a: Side, b: Side) -> dict:
+    import torch
+    common = sorted(set(a.canon) & set(b.canon))
+    only = {"a": sorted(set(a.canon) - set(b.canon)), "b": sorted(set(b.canon) - set(a.canon))}
+    shape_diff = [k for k in common if a.canon[k].shape != b.canon[k].shape]
+    if shape_diff:
+        return {"same_shapes": False, "shape_differences": shape_diff[:10], "only": only}
+    identical = all(a.canon[k].dtype == b.canon[k].dtype and torch.equal(a.canon[k], b.canon[k]) for k in common)
+    equal_values = all(torch.equal(a.canon[k].double(), b.canon[k].double()) for k in common)
+    rounding = None
+    if not equal_values:
+        for name in ROUNDINGS:
+            d = getattr(torch, name)
+            if all(torch.equal(a.canon[k].to(d), b.canon[k].to(d)) for k in common):
+                rounding = name
+                break
+    drift: dict = {}
+    for k in common:
+        g = _group(a.family, k)
+        x, y = a.canon[k].double(), b.canon[k].double()
+        num, den = drift.get(g, (0.0, 0.0))
+        drift[g] = (num + float((x - y).pow(2).sum()), den + float(x.pow(2).sum()))
+    table = [{"part": g, "relative_drift": (n / d) ** 0.5 if d else (0.0 if n == 0 else float("inf"))}
+             for g, (n, d) in drift.items()]
+    return {"same_shapes": True, "identical": identical, "equal_values": equal_values, "rounding": rounding,
+            "only": only, "parts": table}
+
+
+def _stats(x, y) -> dict:
+    import torch
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=1)
+    return {"cosine": float(cos.min()), "max_abs": float((x - y).abs().max())}
+
+
+def verify(a_path, b_path, encoder=None, from_a=None, from_b=None, params_a=None, params_b=None,
+           prompts=None, tokenizer=None, atol: float = 1e-5) -> dict:
+    import torch
+
+    from .forward import PROBE_ROWS, as_float32, encode, probe_ids
+    a = load_side(a_path, from_a, encoder, params_a)
+    b = load_side(b_path, from_b, encoder, params_b)
+    w = compare_weights(a, b)
+    report = {"a": _describe(a), "b": _describe(b), "weights": w, "atol": atol}
+    if not w["same_shapes"]:
+        report.update(verdict="different architecture", exit_code=1, probes=[])
+        return report
+    ctx, vocab = a.canon["pos_embd.weight"].shape[0], a.canon["tok_embd.weight"].shape[0]
+    sets = [("probe", [r[0] for r in PROBE_ROWS], probe_ids(ctx, vocab))]
+    if prompts:
+        ids = _tokenize(prompts, tokenizer, ctx)
+        sets.append(("prompt", prompts, ids))
+    fa, fb = as_float32(a.canon), as_float32(b.canon)
+    rows, worst = [], 0.0
+    for kind, names, ids in sets:
+        with torch.no_grad():
+            oa = encode(fa, ids, a.params["heads"], a.params["act"])
+            ob = encode(fb, ids, b.params["heads"], b.params["act"])
+        for i, name in enumerate(names):
+            row = {"kind": kind, "name": name}
+            for out in ("last_hidden", "pooled", "projected"):
+                if oa.get(out) is not None and ob.get(out) is not None:
+                    row[out] = _stats(oa[out][i:i + 1], ob[out][i:i + 1])
+                    worst = max(worst, row[out]["max_abs"])
+            rows.append(row)
+    report["probes"] = rows
+    report["max_abs"] = worst
+    same_params = a.params == b.params
+    if w["identical"] and same_params:
+        verdict = "identical"
+    elif w["equal_values"] and same_params:
+        verdict = "identical values (different storage dtypes)"
+    elif w["rounding"] and same_params:
+        verdict = f"equal up to {w['rounding']} rounding"
+    elif not same_params:
+        verdict = f"different settings: a has {a.params}, b has {b.params}"
+    else:
+        verdict = "different weights"
+    report["verdict"] = verdict
+    ok = verdict.startswith(("identical", "equal up to")) or (same_params and worst <= atol)
+    report["exit_code"] = 0 if ok else 1
+    return report
+
+
+def _describe(s: Side) -> dict:
+    return {"file": s.path, "layout": s.layout, "encoder": s.encoder, "params": s.params, "dtypes": s.dtypes,
+            "tensors": len(s.canon)}
+
+
+def _tokenize(prompts, tokenizer, context):
+    """Prompts to ids with a transformers CLIPTokenizer folder (optional dependency)."""
+    if tokenizer is None:
+        raise UsageError("--prompts needs --tokenizer PATH (a CLIP tokenizer folder: vocab.json + merges.txt)")
+    try:
+        from transformers import CLIPTokenizer
+    except ImportError:
+        raise UsageError("--prompts needs the transformers package for its CLIP tokenizer",
+                         "pip install transformers, or run verify without --prompts (the probes still run)")
+    import torch
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=context)
+    ids = tok(list(prompts), padding="max_length", truncation=True, max_length=context, return_tensors="pt").input_ids
+    return ids.to(torch.long)
+
+
+def render(r: dict) -> str:
+    lines = []
+    for side in ("a", "b"):
+        s = r[side]
+        lines.append(f"{side}: {s['file']} ({s['layout']}, {s['encoder']}, heads {s['params']['heads']}, "
+                     f"{s['params']['act']}, {', '.join(f'{k} x{v}' for k, v in sorted(s['dtypes'].items()))})")
+    w = r["weights"]
+    if not w["same_shapes"]:
+        lines.append(f"different shapes: {', '.join(w['shape_differences'])}")
+    for who, names in w.get("only", {}).items():
+        if names:
+            lines.append(f"only in {who}: {', '.join(names)}")
+    if r.get("probes"):
+        lines.append(f"{'probe':<16} {'last hidden cos / max-abs':>28} {'pooled cos / max-abs':>26} "
+                     f"{'projected cos / max-abs':>26}")
+        for p in r["probes"]:
+            cells = []
+            for out in ("last_hidden", "pooled", "projected"):
+                c = p.get(out)
+                cells.append(f"{c['cosine']:.8f} / {c['max_abs']:.2e}" if c else "-")
+            lines.append(f"{p['name'][:16]:<16} {cells[0]:>28} {cells[1]:>26} {cells[2]:>26}")
+    if w.get("same_shapes") and not w.get("identical"):
+        parts = sorted(w["parts"], key=lambda x: -x["relative_drift"])
+        lines.append("relative weight drift by part (largest first):")
+        for p in parts[:8]:
+            lines.append(f"  {p['part']:<16} {p['relative_drift']:.3e}")
+    lines.append(f"verdict: {r['verdict']}" + (f" (outputs differ by at most {r['max_abs']:.2e})"
+                                               if "max_abs" in r else ""))
+    return "\n".join(lines)
