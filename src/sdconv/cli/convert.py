@@ -38,11 +38,17 @@ def _params(values) -> dict:
 @click.option("--replace-projection", is_flag=True, help="Allow --projection to replace a projection the encoder has.")
 @click.option("--allow-synthetic", is_flag=True,
               help="Accept a reference whose projection or logit_scale looks like a placeholder.")
+@click.option("--with-vision", "with_vision", type=click.Path(), default=None, metavar="REF",
+              help="Assemble a whole CLIP for CLIPScore: this text tower, REF's vision tower, visual projection and "
+                   "logit_scale, and REF's text projection. --to openai (write .pt; clip.load), open_clip (a folder "
+                   "for create_model('local-dir:...')) or hf (a CLIPModel folder).")
+@click.option("--force-activation", is_flag=True,
+              help="With --with-vision, write even if the target library would run the wrong activation.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layout, architecture, every tensor) and write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
-            force, dry_run, quiet):
+            with_vision, force_activation, force, dry_run, quiet):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
     INPUT is a .safetensors, .ckpt/.pt/.pth/.bin file, or a model folder. Folder layouts
@@ -56,6 +62,7 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
       sdconv convert openclip-h.bin -o h --to hf --param act=gelu
       sdconv convert v1-5.safetensors -o x --to hf --dry-run
       sdconv convert v1-5.safetensors -o clip-l.safetensors --to openai --projection ViT-L-14.pt
+      sdconv convert v1-5.safetensors -o sd15-clip.pt --to openai --with-vision ViT-L-14.pt
       sdconv convert sdxl.safetensors -o te --to diffusers --encoder all
       sdconv convert sdxl.safetensors -o g.safetensors --to open_clip --encoder clip_g
       sdconv convert sdxl.safetensors -o clip.safetensors --to openai --encoder all
@@ -65,7 +72,7 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
 
     kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype,
               encoder=encoder, projection=projection, replace_projection=replace_projection,
-              allow_synthetic=allow_synthetic)
+              allow_synthetic=allow_synthetic, with_vision=with_vision, force_activation=force_activation)
     if dry_run:
         for plan in make_plans(input, output=output, **kw):
             click.echo(plan.describe())

@@ -22,7 +22,7 @@ def read_hf_clip_text(cfg: dict) -> dict:
     return {"params": out, "declared": {k: v for k, v in declared.items() if v is not None}}
 
 
-def write_hf_clip_text(arch: dict, params: dict, dtype_code: str) -> str:
+def write_hf_clip_text(arch: dict, params: dict, dtype_code: str, vision=None) -> str:
     cfg = {
         "architectures": ["CLIPTextModelWithProjection" if arch.get("proj") else "CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -51,5 +51,46 @@ def write_hf_clip_text(arch: dict, params: dict, dtype_code: str) -> str:
     return json.dumps(cfg, indent=2) + "\n"
 
 
+def image_geometry(varch: dict) -> tuple[int, int]:
+    """(image size, patch size) of a ViT: positions = grid^2 + 1 (the class token)."""
+    grid = round((varch["positions"] - 1) ** 0.5)
+    return grid * varch["patch"], varch["patch"]
+
+
+def write_hf_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
+    """transformers CLIPModel config: text and vision halves, one projection dim."""
+    varch, vparams = vision
+    text = json.loads(write_hf_clip_text(arch, params, dtype_code))
+    for k in ("architectures", "torch_dtype", "dtype"):
+        text.pop(k, None)
+    image, patch = image_geometry(varch)
+    vis = {"model_type": "clip_vision_model", "hidden_size": varch["width"], "intermediate_size": varch["ffn"],
+           "num_hidden_layers": varch["layers"], "num_attention_heads": vparams["heads"], "image_size": image,
+           "patch_size": patch, "num_channels": varch["channels"], "hidden_act": vparams["act"],
+           "layer_norm_eps": 1e-05, "attention_dropout": 0.0, "dropout": 0.0, "initializer_range": 0.02,
+           "initializer_factor": 1.0, "projection_dim": varch["proj"]}
+    cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": arch["proj"],
+           "logit_scale_init_value": 2.6592, "initializer_factor": 1.0, "text_config": text, "vision_config": vis}
+    if dtype_code in HF_TORCH_DTYPE:
+        cfg["torch_dtype"] = cfg["dtype"] = HF_TORCH_DTYPE[dtype_code]
+    return json.dumps(cfg, indent=2) + "\n"
+
+
+def write_open_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
+    """open_clip_config.json for open_clip.create_model("local-dir:..."). One activation flag
+    serves both towers (the caller checks they agree)."""
+    varch, vparams = vision
+    image, patch = image_geometry(varch)
+    cfg = {"model_cfg": {
+        "embed_dim": arch["proj"],
+        "quick_gelu": params["act"] == "quick_gelu",
+        "vision_cfg": {"image_size": image, "layers": varch["layers"], "width": varch["width"], "patch_size": patch,
+                       "head_width": varch["width"] // vparams["heads"], "mlp_ratio": varch["ffn"] / varch["width"]},
+        "text_cfg": {"context_length": arch["context"], "vocab_size": arch["vocab"], "width": arch["width"],
+                     "heads": params["heads"], "layers": arch["layers"], "mlp_ratio": arch["ffn"] / arch["width"]},
+    }, "preprocess_cfg": {}}
+    return json.dumps(cfg, indent=2) + "\n"
+
+
 READERS = {"hf_clip_text": read_hf_clip_text}
-WRITERS = {"hf_clip_text": write_hf_clip_text}
+WRITERS = {"hf_clip_text": write_hf_clip_text, "hf_clip": write_hf_clip, "open_clip": write_open_clip}

@@ -18,7 +18,8 @@ from .containers import (AtomicOutput, Source, dominant_dtype, format_for, open_
 from .detect import Verdict, detect, read_layout
 from .errors import InputError, LayoutError, OutputError, UsageError
 from .execute import DTYPES, run
-from .plan import (BufferOp, ReadPlan, WriteOp, absent_last_blocks, identify, infer_arch, plan_write, resolve_params)
+from .plan import (BufferOp, ReadPlan, WriteOp, absent_last_blocks, identify, infer_arch, plan_read, plan_write,
+                   resolve_params)
 from .registry import DEFAULT, Registry, ResolvedLayout
 from .schema import Slot
 
@@ -86,6 +87,11 @@ class Plan:
     dtype: str
     output: Path | None = None
     verdicts: list[Verdict] | None = None       # detection results (None with --from)
+    vision: "VisionPlan | None" = None          # --with-vision: the rest of a whole CLIP
+
+    @property
+    def writes_folder(self) -> bool:
+        return (self.vision.target if self.vision else self.target).layout.output == "folder"
 
     # single-encoder shorthands (most conversions)
     @property
@@ -115,7 +121,7 @@ class Plan:
 
     @property
     def bytes_to_write(self) -> int:
-        return sum(e.bytes_to_write(self.dtype) for e in self.encoders)
+        return sum(e.bytes_to_write(self.dtype) for e in self.encoders)  # (the vision tower not counted)
 
     @property
     def bytes_to_read(self) -> int:
@@ -152,6 +158,11 @@ class Plan:
                 lines.append(f"    {b.key} <- synthesized ({b.synthesize}, int64)")
             for n in e.read.notes + e.notes:
                 lines.append(f"  note: {n}")
+        if self.vision is not None:
+            v = self.vision
+            lines.append(f"vision tower from {v.source.path} ({v.read.layout.name}): width {v.arch['width']}, "
+                         f"layers {v.arch['layers']}, patch {v.arch['patch']}, heads {v.params['heads']}, "
+                         f"{v.params['act']}, projection {v.arch['proj']}; {len(v.ops)} tensors")
         lines.append(f"bytes: read {self.bytes_to_read:,}, write {self.bytes_to_write:,}")
         return "\n".join(lines)
 
@@ -256,6 +267,57 @@ def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
     return found
 
 
+@dataclass
+class VisionPlan:
+    """The rest of a whole CLIP, from a reference: vision tower, visual projection, logit_scale."""
+    source: Source
+    read: ReadPlan
+    arch: dict
+    params: dict
+    target: ResolvedLayout      # the target layout's vision side
+    ops: list[WriteOp]
+    buffers: list[BufferOp]
+    sha256: str
+
+
+def plan_vision(reference, target: ResolvedLayout, text: "Found", force_activation: bool,
+                registry: Registry) -> VisionPlan:
+    """Read the reference's vision tower (in its own layout's vision naming) and plan writing it
+    in the target's. The activation must suit the target: OpenAI's clip hard-codes QuickGELU,
+    and open_clip has one flag for both towers."""
+    tv = registry.vision(target)
+    if tv is None:
+        raise UsageError(f"--with-vision writes a whole CLIP as openai, open_clip or hf, not {target.name}")
+    ref_source, ref_reads, _ = read_input(reference, None, {}, registry)
+    rv = registry.vision(ref_reads[0].layout)
+    if rv is None:
+        raise UsageError(f"--with-vision {reference}: a {ref_reads[0].layout.name} file holds no vision tower",
+                         "use a full CLIP: OpenAI .pt, open_clip, or a transformers CLIPModel")
+    try:
+        vread = plan_read(ref_source, rv, rv.layout.slots["vision"])
+    except LayoutError as e:
+        raise UsageError(f"--with-vision {reference}: no complete ViT vision tower ({e.message})",
+                         "ResNet CLIPs are not supported; use a ViT CLIP")
+    varch = infer_arch(rv.family, vread.shapes, vread.layers, f"{reference} (vision): ")
+    ref_text = analyse(ref_source, ref_reads, {})[0]
+    cfg = ref_source.read_json(ref_reads[0].folder + "config.json") if ref_source.is_folder else None
+    vact = ((cfg or {}).get("vision_config") or {}).get("hidden_act") or ref_text.params["act"]
+    vparams = {"heads": varch["width"] // rv.family.head_width, "act": vact}
+    if varch["proj"] != text.arch.get("proj"):
+        raise UsageError(f"the vision projection has {varch['proj']} outputs, the text projection "
+                         f"{text.arch.get('proj')}: they must match", "use one reference for both")
+    acts = {text.params["act"], vact}
+    if not force_activation:
+        if target.name == "openai" and acts != {"quick_gelu"}:
+            raise UsageError(f"OpenAI's clip runs QuickGELU, and these towers use {' and '.join(sorted(acts))}",
+                             "write --to open_clip or hf, or pass --force-activation")
+        if target.name == "open_clip" and len(acts) > 1:
+            raise UsageError("open_clip has one activation flag for both towers; the text tower uses "
+                             f"{text.params['act']} and the vision tower {vact}", "write --to hf, or pass --force-activation")
+    ops, buffers, _, _ = plan_write(tv, tv.layout.slots["vision"], vread.shapes, vread.layers, str(reference))
+    return VisionPlan(ref_source, vread, varch, vparams, tv, ops, buffers, sha256_of(ref_source.files()))
+
+
 GRAFTED = ("text_proj.weight", "logit_scale")     # what --projection takes from the reference
 
 
@@ -323,7 +385,7 @@ def _split_name(output: Path, identity: str) -> Path:
 def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str | None = None,
                dtype: str = "keep", output=None, encoder: str | None = None,
                projection=None, replace_projection: bool = False, allow_synthetic: bool = False,
-               registry: Registry = DEFAULT) -> list[Plan]:
+               with_vision=None, force_activation: bool = False, registry: Registry = DEFAULT) -> list[Plan]:
     """Plan a conversion: one Plan per output (several only with encoder='all' into a layout
     that holds one encoder)."""
     if dtype not in DTYPE_CHOICES:
@@ -347,13 +409,27 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
             raise UsageError(f"{source.path} holds no {encoder} encoder; it holds {', '.join(names)}",
                              f"use --encoder {' or '.join(names)}")
 
+    if with_vision is not None and len(found) != 1:
+        raise UsageError("--with-vision assembles one CLIP: choose one encoder with --encoder NAME")
+    if with_vision is not None and projection is None:
+        projection = with_vision           # the text projection comes from the same CLIP
     if projection is not None:
         plan_grafts(found, projection, replace_projection, allow_synthetic, registry)
+    vision = None
+    if with_vision is not None:
+        vision = plan_vision(with_vision, target, found[0], force_activation, registry)
+        f = found[0]
+        if "logit_scale" in f.read.shapes:        # the pair's logit_scale is the reference's
+            del f.read.shapes["logit_scale"]
+            f.grafts.pop("logit_scale", None)
+            f.notes.append(f"logit_scale from {with_vision} (with its vision tower)")
     encs = []
     for f in found:
         tslot, slot_notes = _target_slot(target, f.identity, family.kinds)
         ops, buffers, wnotes, layers_out = plan_write(target, tslot, f.read.shapes, f.read.layers, str(source.path),
                                                       f.absent_last)
+        if vision is not None:      # the pair's logit_scale comes with the vision tower
+            wnotes = [n for n in wnotes if "logit_scale" not in n]
         encs.append(EncoderPlan(f.read, f.identity, f.identity_origin, f.arch, f.params, f.param_origin, tslot, ops,
                                 buffers, layers_out, f.absent_last + f.read.layers - layers_out,
                                 f.notes + slot_notes + wnotes, f.grafts))
@@ -371,7 +447,7 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
         f = fmt
         if f is None:
             f = "safetensors" if target.layout.output == "folder" or out is None else format_for(out, None)
-        plans.append(Plan(source, target, g, f, dtype, out, verdicts))
+        plans.append(Plan(source, target, g, f, dtype, out, verdicts, vision))
     return plans
 
 
@@ -433,16 +509,16 @@ class Result:
 
 def convert(input, output, to: str, from_: str | None = None, params=None, fmt: str | None = None,
             dtype: str = "keep", force: bool = False, encoder: str | None = None, projection=None,
-            replace_projection: bool = False, allow_synthetic: bool = False, registry: Registry = DEFAULT,
-            progress=None) -> Result:
+            replace_projection: bool = False, allow_synthetic: bool = False, with_vision=None,
+            force_activation: bool = False, registry: Registry = DEFAULT, progress=None) -> Result:
     """Convert the text encoder(s) in `input` to layout `to`, written at `output` atomically.
 
     `encoder` picks one encoder of a multi-encoder checkpoint, or 'all'. `progress`, if
     given, is a tqdm-like bar: reset(total=bytes) once, then update(bytes)."""
     output = Path(output)
     plans = make_plans(input, to, from_, params, fmt, dtype, output, encoder, projection, replace_projection,
-                       allow_synthetic, registry)
-    folder = plans[0].target.layout.output == "folder"
+                       allow_synthetic, with_vision, force_activation, registry)
+    folder = plans[0].writes_folder
     for p in plans:
         _check_output(p, p.output)
     guards = [AtomicOutput(p.output, folder, force) for p in plans]    # refuse existing outputs up front
@@ -455,9 +531,35 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
             per_encoder = [run(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
                                progress.update if progress is not None else None,
                                {c: (g.source, g.op) for c, g in e.grafts.items()}) for e in p.encoders]
-            written = write_output(p, per_encoder, tmp, _metadata(p, sha))
+            if p.vision is not None:
+                v = p.vision
+                vt = run(v.source, v.read, v.ops, v.buffers, v.arch, p.dtype)
+                written = write_full_clip(p, per_encoder[0], vt, tmp, _metadata(p, sha))
+            else:
+                written = write_output(p, per_encoder, tmp, _metadata(p, sha))
         files += [p.output / f.relative_to(tmp) if folder else p.output for f in written]
     return Result(plans, [p.output for p in plans], files, sha)
+
+
+def write_full_clip(plan: Plan, text: dict, vision: dict, tmp: Path, meta: dict) -> list[Path]:
+    """A whole CLIP: text and vision tensors in one weights file (plus a config for folders)."""
+    v = plan.vision
+    tensors = {**text, **vision}
+    meta = {**meta, "sdconv.vision_source": Path(v.source.path).name, "sdconv.vision_sha256": v.sha256}
+    if v.target.layout.output == "file":
+        save_tensors(tensors, tmp, plan.fmt, meta)
+        return [tmp]
+    weights = tmp / v.target.layout.folder_weights[plan.fmt]
+    save_tensors(tensors, weights, plan.fmt, meta)
+    files = [weights]
+    spec = plan.target.layout.vision.config
+    if spec is not None:
+        e = plan.encoders[0]
+        cfg = tmp / spec.file
+        cfg.write_text(configs.WRITERS[spec.format](e.arch_out, e.params, torch_dtype_code(dominant_dtype(tensors)),
+                                                    (v.arch, v.params)))
+        files.append(cfg)
+    return files
 
 
 def write_output(plan: Plan, per_encoder: list[dict], tmp: Path, meta: dict) -> list[Path]:

@@ -99,6 +99,8 @@ def slot_view(source, slot: Slot, prefix: str):
         if not k.startswith(prefix):
             continue
         rel = k[len(prefix):]
+        if slot.scope and not _ignored(rel, slot.scope):
+            continue
         for a in slot.aliases:
             if rel.startswith(a.source):
                 aliased[a.target + rel[len(a.source):]] = k

@@ -82,7 +82,24 @@ class Registry:
             for b in s.buffers:
                 if b not in nm.buffers:
                     raise MappingError(p, 0, f"encoder {s.name}: naming {nm.name} has no buffer {b!r}")
+        if lay.vision is not None:
+            if self._find("family", lay.vision.family) is None or self._find("naming", lay.vision.naming) is None:
+                raise MappingError(p, 0, f"vision: unknown family {lay.vision.family!r} or naming {lay.vision.naming!r}")
+            self.naming(lay.vision.naming, lay.vision.family)           # validate it now
         return ResolvedLayout(lay, fam, namings)
+
+    def vision(self, rl: ResolvedLayout) -> ResolvedLayout | None:
+        """The layout's vision side as a one-slot layout of its own (for --with-vision)."""
+        import dataclasses
+
+        from .schema import Slot
+        v = rl.layout.vision
+        if v is None:
+            return None
+        slot = Slot("vision", "", v.naming, scope=v.scope)
+        lay = dataclasses.replace(rl.layout, slots={"vision": slot}, ignore=(), output=v.output,
+                                  folder_weights=v.weights or rl.layout.folder_weights)
+        return ResolvedLayout(lay, self.family(v.family), {"vision": self.naming(v.naming, v.family)})
 
     def all_layouts(self):
         """(name, ResolvedLayout or the MappingError that broke it): one bad file breaks only itself."""

@@ -20,7 +20,7 @@ from .yamlload import LineDict, LineList, load_yaml
 SCHEMA_VERSION = 1
 LAYER = "<layer>"
 _PLACEHOLDER = re.compile(r"<[^>]*>|\{[^}]*\}")
-CONFIG_FORMATS = ("hf_clip_text",)
+CONFIG_FORMATS = ("hf_clip_text", "hf_clip", "open_clip")
 PARAM_NAMES = ("heads", "act", "encoder")
 
 
@@ -117,11 +117,24 @@ class Slot:
     alternates: tuple[Entry, ...] = ()      # older spellings, read only (e.g. a bare projection)
     drop_last_layers: int = 0               # the layout stores this many fewer blocks ...
     why: str = ""                           # ... and this is why
+    scope: tuple[str, ...] = ()             # only these keys belong to the slot (prefixes end in '.')
 
     @property
     def folder(self) -> str:
         """The sub-folder of a folder container this slot lives in ('' for the root)."""
         return self.prefix.rsplit("/", 1)[0] + "/" if "/" in self.prefix else ""
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """How a layout holds a whole CLIP (for --with-vision): the vision tower's naming, which keys
+    are the vision side's, and the output's form."""
+    family: str
+    naming: str
+    scope: tuple[str, ...]
+    output: str                 # file or folder
+    weights: dict               # folder outputs: format -> weights file name
+    config: ConfigSpec | None
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,7 @@ class Layout:
     sample_extra: dict
     components: dict            # other parts of a checkpoint, for inspect: name -> key prefixes
     path: Path
+    vision: VisionSpec | None = None
 
 
 # ---------------------------------------------------------------- checks
@@ -301,7 +315,7 @@ def parse_layout(path) -> Layout:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "family": True, "description": True,
                       "output": True, "folder_weights": False, "encoders": True, "ignore": False,
-                      "detect": False, "sample": False, "components": False}, "layout")
+                      "detect": False, "sample": False, "components": False, "vision": False}, "layout")
     name = _header(d, path, "layout")
     if d["output"] not in ("file", "folder"):
         raise MappingError(path, d.line_of("output"), f"output must be 'file' or 'folder', found {d['output']!r}")
@@ -353,6 +367,24 @@ def parse_layout(path) -> Layout:
     _fields(sample, path, {"extra": False}, "sample")
     extra = {k: tuple(v) for k, v in (sample.get("extra") or {}).items()}
     components = {str(k): tuple(v) for k, v in (d.get("components") or {}).items()}
+    vision = None
+    if d.get("vision") is not None:
+        v = d["vision"]
+        _fields(v, path, {"family": True, "naming": True, "scope": True, "output": True, "weights": False,
+                          "config": False}, "vision")
+        if v["output"] not in ("file", "folder"):
+            raise MappingError(path, v.line_of("output"), "vision output must be 'file' or 'folder'")
+        vcfg = None
+        if v.get("config") is not None:
+            _fields(v["config"], path, {"file": True, "format": True}, "vision config")
+            if v["config"]["format"] not in CONFIG_FORMATS:
+                raise MappingError(path, v["config"].line, f"unknown config format {v['config']['format']!r}",
+                                   f"known: {', '.join(CONFIG_FORMATS)}")
+            vcfg = ConfigSpec(v["config"]["file"], v["config"]["format"])
+        if v["output"] == "folder":
+            _fields(v.get("weights") or {}, path, {"safetensors": True, "pt": True}, "vision weights")
+        vision = VisionSpec(v["family"], v["naming"], tuple(v["scope"]), v["output"], dict(v.get("weights") or {}),
+                            vcfg)
     return Layout(name, _str(d["family"], path, d.line_of("family"), "family"), d["description"], d["output"],
                   dict(fw), slots, tuple(d.get("ignore") or ()), int(detect.get("priority", 0)), extra, components,
-                  Path(path))
+                  Path(path), vision)
