@@ -83,3 +83,14 @@ def test_prompts_with_a_tokenizer(tmp_path):
     rep = json.loads(res.output)
     assert [p["name"] for p in rep["probes"] if p["kind"] == "prompt"] == ["a photo of a cat",
                                                                            "an astronaut riding a horse, oil painting"]
+
+
+def test_verify_reports_synthetic_weights(tmp_path):
+    from fixtures import distinct_canonical, write_layout
+    canon = distinct_canonical(vocab=1000)
+    fake = dict(canon, **{"text_proj.weight": torch.eye(128)})
+    a = write_layout(canon, tmp_path / "a.safetensors", "comfy")
+    b = write_layout(fake, tmp_path / "b.safetensors", "comfy")
+    r = verify(a, b)
+    assert r["a"]["synthetic"] == [] and "identity" in r["b"]["synthetic"][0]
+    assert r["verdict"] == "different weights" and r["exit_code"] == 1

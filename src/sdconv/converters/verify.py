@@ -26,11 +26,13 @@ class Side:
     canon: dict                 # canonical tensors as stored
     dtypes: dict                # dtype name -> count
     family: object
+    synthetic: list             # what looks fabricated (synthetic.findings, deep)
 
 
 def load_side(path, from_=None, encoder=None, params=None) -> Side:
     from .engine import _parse_params, analyse, read_input
     from .execute import load_canonical
+    from .synthetic import findings
 
     given = _parse_params(params)
     source, reads, _ = read_input(path, from_, given)
@@ -47,7 +49,8 @@ def load_side(path, from_=None, encoder=None, params=None) -> Side:
     dtypes: dict = {}
     for t in canon.values():
         dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
-    return Side(str(path), f.read.layout.name, f.identity, f.params, canon, dtypes, f.read.layout.family)
+    return Side(str(path), f.read.layout.name, f.identity, f.params, canon, dtypes, f.read.layout.family,
+                findings(source, f.read, deep=True))
 
 
 def _group(family, name: str) -> str:
@@ -146,7 +149,7 @@ def verify(a_path, b_path, encoder=None, from_a=None, from_b=None, params_a=None
 
 def _describe(s: Side) -> dict:
     return {"file": s.path, "layout": s.layout, "encoder": s.encoder, "params": s.params, "dtypes": s.dtypes,
-            "tensors": len(s.canon)}
+            "tensors": len(s.canon), "synthetic": s.synthetic}
 
 
 def _tokenize(prompts, tokenizer, context):
@@ -170,6 +173,8 @@ def render(r: dict) -> str:
         s = r[side]
         lines.append(f"{side}: {s['file']} ({s['layout']}, {s['encoder']}, heads {s['params']['heads']}, "
                      f"{s['params']['act']}, {', '.join(f'{k} x{v}' for k, v in sorted(s['dtypes'].items()))})")
+        for x in s["synthetic"]:
+            lines.append(f"  SYNTHETIC? {x}")
     w = r["weights"]
     if not w["same_shapes"]:
         lines.append(f"different shapes: {', '.join(w['shape_differences'])}")
