@@ -157,14 +157,16 @@ class PickleSource(Source):
 
         import torch
         self.path = path
+        from .torchscript import is_torchscript, read_torchscript
+        if is_torchscript(path):
+            # OpenAI's .pt releases: read by a restricted unpickler, never torch.jit.load (no code runs)
+            self._t = read_torchscript(path)
+            self._info = {k: TensorInfo(tuple(v.shape), torch_dtype_code(v.dtype)) for k, v in self._t.items()}
+            return
         if not zipfile.is_zipfile(path):
             # legacy (pre-1.6) torch pickles cannot be memory-mapped; weights_only still applies
             kwargs = {"mmap": False}
         else:
-            with zipfile.ZipFile(path) as z:
-                if any(n.endswith("/constants.pkl") or n.endswith("/code/") for n in z.namelist()):
-                    raise InputError(f"{path}: a TorchScript archive, which this version cannot read yet",
-                                     "convert it with a newer sdconv, or export its state_dict() to .safetensors")
             kwargs = {"mmap": True}
             try:    # name the globals a pickle would import, without running anything
                 unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)

@@ -55,7 +55,10 @@ class EncoderPlan:
 
     @property
     def arch_out(self) -> dict:
-        return {**self.arch, "layers": self.layers_out}
+        """The architecture of what is written: symbols of dropped tensors (a projection that the
+        target cannot hold) are unbound, the layer count is the one written."""
+        written = {c: self.read.shapes[c] for op in self.ops for c in op.canonical}
+        return infer_arch(self.read.layout.family, written, self.layers_out)
 
     def out_dtype(self, code: str, dtype: str) -> str:
         return _DTYPE_CODE.get(dtype, code) if code.startswith(("F", "BF")) else code
