@@ -94,3 +94,20 @@ def test_reference_without_vision(world, tmp_path):
     d = world[0]
     with pytest.raises(UsageError, match="holds no vision tower|no complete ViT|no text projection to graft"):
         make_plan(d / "sd1.ckpt", to="hf", with_vision=d / "sd1.ckpt")
+
+
+def test_torchscript_reference(world, tmp_path):
+    """OpenAI's releases are TorchScript archives: valid as --with-vision / --projection references."""
+    import clip
+    import open_clip
+    d, ids, img, want, _ = world
+    m = clip.model.CLIP(embed_dim=128, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+                        context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+                        transformer_layers=2).eval()
+    m.load_state_dict(torch.load(d / "ViT-tiny.pt"))
+    torch.jit.trace_module(m, {"encode_text": ids}, check_trace=False).save(str(tmp_path / "ViT-tiny-jit.pt"))
+    convert(d / "sd1.ckpt", tmp_path / "oc", to="open_clip", with_vision=tmp_path / "ViT-tiny-jit.pt")
+    model = open_clip.create_model("local-dir:" + str(tmp_path / "oc"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(img), want[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(ids), want[0], atol=1e-5, rtol=0)
