@@ -138,6 +138,11 @@ class SafetensorsSource(Source):
         return data
 
 
+from .pickles import INERT_GLOBALS  # noqa: E402
+
+# inert by construction, so offered to every load (legacy pickles cannot be listed up front)
+_STAND_INS = [(fn, name) for name, fn in INERT_GLOBALS.items()]
+
 _UNSAFE_HINT = ("sdconv never runs code from a checkpoint; convert the file to .safetensors with a tool you "
                 "trust")
 
@@ -163,20 +168,20 @@ class PickleSource(Source):
             self._t = read_torchscript(path)
             self._info = {k: TensorInfo(tuple(v.shape), torch_dtype_code(v.dtype)) for k, v in self._t.items()}
             return
-        if not zipfile.is_zipfile(path):
-            # legacy (pre-1.6) torch pickles cannot be memory-mapped; weights_only still applies
-            kwargs = {"mmap": False}
-        else:
-            kwargs = {"mmap": True}
-            try:    # name the globals a pickle would import, without running anything
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:       # damaged archives: torch.load below reports them
-                unsafe = []
-            if unsafe:
-                raise UnsafeInputError(f"{path}: refused to unpickle: it imports {', '.join(unsafe[:3])}"
-                                       f"{' and more' if len(unsafe) > 3 else ''}, which could run code", _UNSAFE_HINT)
+        # legacy (pre-1.6) torch pickles cannot be memory-mapped; weights_only still applies
+        kwargs = {"mmap": zipfile.is_zipfile(path)}
+        try:    # name the globals the pickle would import, without running anything
+            named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:       # damaged or legacy archives: torch.load below reports what it refuses
+            named = []
+        unknown = [n for n in named if n not in INERT_GLOBALS]
+        if unknown:
+            raise UnsafeInputError(f"{path}: refused to unpickle: it imports {', '.join(unknown[:3])}"
+                                   f"{' and more' if len(unknown) > 3 else ''}, which could run code", _UNSAFE_HINT)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            # the Lightning / numpy objects of real SD checkpoints become inert stand-ins
+            with torch.serialization.safe_globals(_STAND_INS):
+                obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
         except pickle.UnpicklingError as e:
             reason = _unpickling_reason(str(e))
             # a refused global is unsafe; anything else is a damaged or foreign file
