@@ -7,10 +7,14 @@ exist". Only the text side is used here, which needs none of those ops.
 """
 import os
 import sys
+import tempfile
 import types
 
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ.setdefault(_var, "1")
+
+# sdconv caches source hashes under $XDG_CACHE_HOME: keep the tests' cache out of $HOME
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sdconv-test-cache-")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (consumers.py, fixtures.py)

@@ -281,3 +281,29 @@ main()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "h" / "model.safetensors").is_file()
+
+
+def test_source_hash_is_right_cached_and_refreshed(tmp_path, monkeypatch):
+    """The provenance sha256 is computed in the background, cached by (path, size, mtime,
+    inode), and recomputed when the file changes."""
+    import os
+
+    from safetensors import safe_open
+
+    from sdconv.converters import hashing
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = write_layout(distinct_canonical(vocab=1000), tmp_path / "clip.safetensors", "openai")
+
+    def meta_sha(out):
+        with safe_open(str(out), "pt") as f:
+            return f.metadata()["sdconv.source_sha256"]
+    assert run("convert", src, "-o", tmp_path / "a.safetensors", "--to", "hf")[0] == 0
+    assert meta_sha(tmp_path / "a.safetensors" / "model.safetensors") == _sha(src)       # computed meanwhile
+    assert (tmp_path / "cache" / "sdconv" / "sha256.json").is_file()
+    calls = []
+    monkeypatch.setattr(hashing, "_compute", lambda paths: calls.append(paths) or "f" * 64)
+    assert run("convert", src, "-o", tmp_path / "b.safetensors", "--to", "open_clip")[0] == 0
+    assert calls == [] and meta_sha(tmp_path / "b.safetensors") == _sha(src)           # from the cache
+    os.utime(src, ns=(1, 1))                                                             # "changed"
+    assert run("convert", src, "-o", tmp_path / "c.safetensors", "--to", "open_clip")[0] == 0
+    assert len(calls) == 1 and meta_sha(tmp_path / "c.safetensors") == "f" * 64

@@ -1,7 +1,8 @@
 """Containers: how tensors are stored. Each source gives a lazy view `key -> (shape, dtype)`
 and loads a tensor's bytes only when asked; writers are atomic.
 
-- .safetensors: the header is parsed here (no torch needed); tensors come from `safe_open`.
+- .safetensors: the header is parsed here (no torch needed); each tensor is read with pread
+  when asked, so nothing stays mapped and memory is freed with the tensor.
 - .ckpt/.pt/.pth/.bin: torch zip pickles through `torch.load(weights_only=True, mmap=True)`,
   so tensors stay on disk until read; `{"state_dict": ...}` nesting is unwrapped.
 - folders: every weight file at the root and one level down (diffusers components), keys of a
@@ -9,7 +10,6 @@ and loads a tensor's bytes only when asked; writers are atomic.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, OutputError, UnsafeInputError
+from .hashing import LateValue, sha256_of  # noqa: F401  (sha256_of: re-exported)
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -27,6 +28,9 @@ PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 # Weight files a folder may hold, in order of preference (variants such as model.fp16.* last).
 FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                   "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -53,7 +57,7 @@ def torch_dtype_code(dt) -> str:
     import torch
     return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}.get(dt, str(dt))
+            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}.get(dt, str(dt))
 
 
 class Source:
@@ -107,10 +111,10 @@ class SafetensorsSource(Source):
             self._info = {k: TensorInfo(tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
             self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items()}
             self._data_start = 8 + n
+            self._fd = None
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InputError(f"{path}: not a safetensors file (invalid header: {e})",
                              "the file is damaged or is not a checkpoint")
-        self._handle = None
 
     def keys(self):
         return list(self._info)
@@ -119,20 +123,28 @@ class SafetensorsSource(Source):
         return self._info[key]
 
     def load(self, key):
-        if self._handle is None:
-            from safetensors import safe_open
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        return self._handle.get_tensor(key)
+        """Read the tensor's bytes with a plain read (no mapping left behind: memory is freed
+        with the tensor) and view them as a tensor."""
+        import torch
+        info = self._info[key]
+        dt = _TORCH_DTYPES[info.dtype]
+        data = bytearray(self.raw(key))
+        t = torch.frombuffer(data, dtype=getattr(torch, dt)) if data else torch.empty(0, dtype=getattr(torch, dt))
+        return t.reshape(info.shape)
 
     def metadata(self, folder: str = ""):
         return dict(self._meta)
 
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def raw(self, key):
         """Straight from the file: no torch needed."""
         start, end = self._offsets[key]
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + start)
-            data = f.read(end - start)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, end - start, self._data_start + start)
         if len(data) != end - start:
             raise InputError(f"{self.path}: {key} runs past the end of the file", "the file is truncated")
         return data
@@ -324,15 +336,6 @@ def open_source(path) -> Source:
     return open_file(path)
 
 
-def sha256_of(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- writing
 
 def format_for(output: Path, fmt: str | None) -> str:
@@ -356,38 +359,57 @@ def _raw_bytes(t):
     return (ctypes.c_char * n).from_address(t.data_ptr()) if n else b""
 
 
-def write_safetensors(tensors: dict, path: Path, metadata: dict | None = None):
+def write_safetensors(tensors, path: Path, metadata: dict | None = None):
     """Write the safetensors format directly: an 8-byte little-endian header length, a JSON
-    header (tensor offsets, `__metadata__`), then each tensor's bytes in key order.
-    safetensors' own save_file needs numpy, which sdconv does not depend on."""
+    header (tensor offsets, `__metadata__`), then each tensor's bytes. `tensors` is a dict or a
+    TensorStream: the header comes from the stream's plan, and each tensor is written as soon
+    as it is made, then dropped. (safetensors' own save_file needs numpy, which sdconv does not
+    depend on, and builds the whole file in memory.)"""
     import sys
+
+    from .stream import TensorStream
     if sys.byteorder != "little":   # pragma: no cover
         raise OutputError("writing safetensors needs a little-endian machine")
+    stream = tensors if isinstance(tensors, TensorStream) else TensorStream.from_dict(tensors)
     header: dict = {}
+    late = {k: v for k, v in (metadata or {}).items() if isinstance(v, LateValue)}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    order = sorted(tensors)
+        header["__metadata__"] = {str(k): (v.placeholder() if k in late else str(v)) for k, v in metadata.items()}
     offset = 0
-    for k in order:
-        t = tensors[k]
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": torch_dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    for e in stream.entries:
+        n = DTYPE_SIZE[e.dtype]
+        for d in e.shape:
+            n *= d
+        header[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)          # the format aligns the data start to 8 bytes
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for k in order:
-            f.write(_raw_bytes(tensors[k].contiguous()))
+        for _, t in stream:
+            f.write(_raw_bytes(t.contiguous()))
+        if late:                            # values computed meanwhile (the source's sha256)
+            for k, v in late.items():
+                header["__metadata__"][k] = v.result()
+            final = json.dumps(header, separators=(",", ":")).encode()
+            final += b" " * (len(raw) - len(final))
+            if len(final) != len(raw):
+                raise RuntimeError("internal error: the header changed size")
+            f.seek(8)
+            f.write(final)
 
 
-def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = None):
+def save_tensors(tensors, path: Path, fmt: str, metadata: dict | None = None):
+    """Write a dict or TensorStream as safetensors (streamed) or a torch .pt state dict."""
     import torch
+
+    from .stream import TensorStream
     if fmt == "safetensors":
         write_safetensors(tensors, path, metadata)
     else:
-        torch.save({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        d = tensors.to_dict() if isinstance(tensors, TensorStream) else tensors
+        torch.save({k: v.contiguous() for k, v in d.items()}, str(path))
 
 
 def _ordinary_permissions(path: Path):

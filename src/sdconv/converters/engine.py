@@ -13,11 +13,12 @@ from pathlib import Path
 
 from .. import __version__
 from . import configs
-from .containers import (AtomicOutput, Source, dominant_dtype, format_for, open_source, save_tensors, sha256_of,
-                         torch_dtype_code)
+from .containers import AtomicOutput, Source, format_for, open_source, save_tensors
+from .hashing import LateValue, late_sha256, sha256_of
 from .detect import Verdict, detect, read_layout
 from .errors import InputError, LayoutError, OutputError, UsageError
-from .execute import DTYPES, run
+from .execute import DTYPES, stream
+from .stream import TensorStream
 from .plan import (BufferOp, ReadPlan, WriteOp, absent_last_blocks, identify, infer_arch, plan_read, plan_write,
                    resolve_params)
 from .registry import DEFAULT, Registry, ResolvedLayout
@@ -525,29 +526,29 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
     for p in plans:
         _check_output(p, p.output)
     guards = [AtomicOutput(p.output, folder, force) for p in plans]    # refuse existing outputs up front
-    sha = sha256_of(plans[0].source.files())
+    sha = late_sha256(plans[0].source.files())        # in the background unless cached
     if progress is not None:
         progress.reset(total=sum(p.bytes_to_write for p in plans))
     files = []
     for p, guard in zip(plans, guards):
         with guard as tmp:
-            per_encoder = [run(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
-                               progress.update if progress is not None else None,
-                               {c: (g.source, g.op) for c, g in e.grafts.items()}) for e in p.encoders]
+            per_encoder = [stream(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
+                                  progress.update if progress is not None else None,
+                                  {c: (g.source, g.op) for c, g in e.grafts.items()}) for e in p.encoders]
             if p.vision is not None:
                 v = p.vision
-                vt = run(v.source, v.read, v.ops, v.buffers, v.arch, p.dtype)
+                vt = stream(v.source, v.read, v.ops, v.buffers, v.arch, p.dtype)
                 written = write_full_clip(p, per_encoder[0], vt, tmp, _metadata(p, sha))
             else:
                 written = write_output(p, per_encoder, tmp, _metadata(p, sha))
         files += [p.output / f.relative_to(tmp) if folder else p.output for f in written]
-    return Result(plans, [p.output for p in plans], files, sha)
+    return Result(plans, [p.output for p in plans], files, sha.result() if isinstance(sha, LateValue) else sha)
 
 
-def write_full_clip(plan: Plan, text: dict, vision: dict, tmp: Path, meta: dict) -> list[Path]:
+def write_full_clip(plan: Plan, text: TensorStream, vision: TensorStream, tmp: Path, meta: dict) -> list[Path]:
     """A whole CLIP: text and vision tensors in one weights file (plus a config for folders)."""
     v = plan.vision
-    tensors = {**text, **vision}
+    tensors = TensorStream.concat([text, vision])
     meta = {**meta, "sdconv.vision_source": Path(v.source.path).name, "sdconv.vision_sha256": v.sha256}
     if v.target.layout.output == "file":
         save_tensors(tensors, tmp, plan.fmt, meta)
@@ -559,19 +560,17 @@ def write_full_clip(plan: Plan, text: dict, vision: dict, tmp: Path, meta: dict)
     if spec is not None:
         e = plan.encoders[0]
         cfg = tmp / spec.file
-        cfg.write_text(configs.WRITERS[spec.format](e.arch_out, e.params, torch_dtype_code(dominant_dtype(tensors)),
-                                                    (v.arch, v.params)))
+        cfg.write_text(configs.WRITERS[spec.format](e.arch_out, e.params, tensors.dominant_dtype(), (v.arch, v.params)))
         files.append(cfg)
     return files
 
 
-def write_output(plan: Plan, per_encoder: list[dict], tmp: Path, meta: dict) -> list[Path]:
+def write_output(plan: Plan, per_encoder: list[TensorStream], tmp: Path, meta: dict) -> list[Path]:
     """Write the encoders' target tensors into `tmp`: one file, or a folder with each slot's
     sub-folder, weights file and config."""
     rl = plan.target
     if rl.layout.output == "file":
-        merged = {k: v for ts in per_encoder for k, v in ts.items()}
-        save_tensors(merged, tmp, plan.fmt, meta)
+        save_tensors(TensorStream.concat(per_encoder), tmp, plan.fmt, meta)
         return [tmp]
     files = []
     for e, tensors in zip(plan.encoders, per_encoder):
@@ -580,11 +579,10 @@ def write_output(plan: Plan, per_encoder: list[dict], tmp: Path, meta: dict) -> 
         sub.mkdir(parents=True, exist_ok=True)
         strip = len(slot.folder)
         weights = sub / rl.layout.folder_weights[plan.fmt]
-        save_tensors({k[strip:]: v for k, v in tensors.items()}, weights, plan.fmt, meta)
+        save_tensors(tensors.renamed(lambda k: k[strip:]), weights, plan.fmt, meta)
         files.append(weights)
         if slot.config is not None:
             cfg = sub / slot.config.file
-            cfg.write_text(configs.WRITERS[slot.config.format](e.arch_out, e.params,
-                                                               torch_dtype_code(dominant_dtype(tensors))))
+            cfg.write_text(configs.WRITERS[slot.config.format](e.arch_out, e.params, tensors.dominant_dtype()))
             files.append(cfg)
     return files

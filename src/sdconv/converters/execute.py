@@ -2,37 +2,58 @@
 from __future__ import annotations
 
 from .plan import BufferOp, ReadPlan, WriteOp
+from .stream import Entry, TensorStream
 from .transforms import TRANSFORMS, synthesize
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+
+def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
+           progress=None, grafts: dict | None = None) -> TensorStream:
+    """The target tensors of one encoder, made one write op at a time (a layer's worth of
+    memory). Canonical tensors live only until the op that needs them. `grafts`: {canonical
+    name: (source, ReadOp)} read from another file (a reference CLIP)."""
+    grafts = grafts or {}
+
+    def source_dtype(c):
+        src, rop = grafts.get(c) or (source, rp.op_for(c))
+        return src.info(rop.keys[0]).dtype
+
+    def out_code(code):
+        return _CODE[dtype] if dtype != "keep" and code.startswith(("F", "BF")) else code
+    entries = [Entry(k, out_code(source_dtype(op.canonical[0])), tuple(s)) for op in ops for k, s in zip(op.keys, op.shapes)]
+    for b in buffers:
+        entries.append(Entry(b.key, "I64", tuple(arch[s] if isinstance(s, str) else s for s in b.shape)))
+
+    def make():
+        import torch
+        cast = getattr(torch, DTYPES[dtype]) if dtype != "keep" else None
+        cache: dict = {}
+        for op in ops:
+            for c in op.canonical:
+                if c not in cache:
+                    src, rop = grafts.get(c) or (source, rp.op_for(c))
+                    tensors = [src.load(k) for k in rop.keys]
+                    for name, t in zip(rop.canonical, TRANSFORMS[rop.transform].read(tensors)):
+                        cache[name] = t
+            written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])
+            for key, t in zip(op.keys, written):
+                if cast is not None and t.is_floating_point():
+                    t = t.to(cast)
+                if progress:
+                    progress(t.numel() * t.element_size())
+                yield key, t.contiguous()
+        for b in buffers:
+            shape = [arch[s] if isinstance(s, str) else s for s in b.shape]
+            yield b.key, synthesize(b.synthesize, shape)
+    return TensorStream(entries, make)
 
 
 def run(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
         progress=None, grafts: dict | None = None) -> dict:
-    """Return {target key: tensor}. Canonical tensors live only until the op that needs them.
-    `grafts`: {canonical name: (source, ReadOp)} read from another file (a reference CLIP)."""
-    import torch
-    cast = getattr(torch, DTYPES[dtype]) if dtype != "keep" else None
-    cache: dict = {}
-    out: dict = {}
-    for op in ops:
-        for c in op.canonical:
-            if c not in cache:
-                src, rop = (grafts or {}).get(c) or (source, rp.op_for(c))
-                tensors = [src.load(k) for k in rop.keys]
-                for name, t in zip(rop.canonical, TRANSFORMS[rop.transform].read(tensors)):
-                    cache[name] = t
-        written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])
-        for key, t in zip(op.keys, written):
-            if cast is not None and t.is_floating_point():
-                t = t.to(cast)
-            out[key] = t.contiguous()
-            if progress:
-                progress(t.numel() * t.element_size())
-    for b in buffers:
-        shape = [arch[s] if isinstance(s, str) else s for s in b.shape]
-        out[b.key] = synthesize(b.synthesize, shape)
-    return out
+    """The same, all in memory: {target key: tensor}."""
+    return stream(source, rp, ops, buffers, arch, dtype, progress, grafts).to_dict()
 
 
 def load_canonical(source, rp: ReadPlan) -> dict:

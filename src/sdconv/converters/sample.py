@@ -23,6 +23,10 @@ class _Memory:
     def load(self, key):
         return self.t[key]
 
+    def info(self, key):
+        from .containers import TensorInfo, torch_dtype_code
+        return TensorInfo(tuple(self.t[key].shape), torch_dtype_code(self.t[key].dtype))
+
 
 def canonical_sample(family, preset: dict, seed: int = 0) -> dict:
     import torch
@@ -60,6 +64,8 @@ def write_canonical(canon: dict, output, layout: str, params: dict, fmt: str | N
     ops, buffers, notes, layers_out = plan_write(rl, slot, shapes, layers, "canonical tensors")
     tensors = run(_Memory(canon), rp, ops, buffers, arch, dtype)
     tensors.update(extra or {})
+    from .stream import TensorStream
+    tensors = TensorStream.from_dict(tensors)
     output = Path(output)
     fmt = fmt or ("safetensors" if rl.layout.output == "folder" else format_for(output, None))
     hp = {k: params[k] for k in ("heads", "act")}
@@ -69,7 +75,7 @@ def write_canonical(canon: dict, output, layout: str, params: dict, fmt: str | N
             **(metadata or {})}
     with AtomicOutput(output, rl.layout.output == "folder", force) as tmp:
         write_output(plan, [tensors], tmp, meta)
-    return tensors
+    return tensors.to_dict()
 
 
 def write_sample(output, layout: str = "ldm", preset: str = "tiny", dtype: str = "fp16", seed: int = 0,

@@ -1,0 +1,60 @@
+"""Tensors to write, known before any is made.
+
+A TensorStream holds the keys, dtypes and shapes of an output (all known from the plan) and a
+generator that makes the tensors one at a time, in that order. A safetensors header can then be
+written first and each tensor's bytes after it as it is made, so memory holds about one layer
+rather than the whole encoder.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    dtype: str                  # safetensors code: F32, F16, BF16, I64, ...
+    shape: tuple
+
+
+class TensorStream:
+    def __init__(self, entries: list[Entry], make: Callable[[], Iterator[tuple[str, object]]]):
+        self.entries = list(entries)
+        self._make = make
+
+    @classmethod
+    def from_dict(cls, tensors: dict) -> "TensorStream":
+        from .containers import torch_dtype_code
+        entries = [Entry(k, torch_dtype_code(t.dtype), tuple(t.shape)) for k, t in tensors.items()]
+        return cls(entries, lambda: iter(tensors.items()))
+
+    @classmethod
+    def concat(cls, streams: list["TensorStream"]) -> "TensorStream":
+        def make():
+            for s in streams:
+                yield from s
+        return cls([e for s in streams for e in s.entries], make)
+
+    def renamed(self, fn: Callable[[str], str]) -> "TensorStream":
+        return TensorStream([Entry(fn(e.key), e.dtype, e.shape) for e in self.entries],
+                            lambda: ((fn(k), t) for k, t in self))
+
+    def __iter__(self):
+        """The tensors, checked against what the plan said they would be."""
+        from .containers import torch_dtype_code
+        produced = self._make()
+        for e in self.entries:
+            key, t = next(produced)
+            if key != e.key or torch_dtype_code(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
+                raise RuntimeError(f"internal error: planned {e}, made {key} {t.dtype} {tuple(t.shape)}")
+            yield key, t
+
+    def to_dict(self) -> dict:
+        return dict(iter(self))
+
+    def dominant_dtype(self) -> str | None:
+        """The float dtype code most tensors have (what a config.json's torch_dtype states)."""
+        counts = Counter(e.dtype for e in self.entries if e.dtype.startswith(("F", "BF")))
+        return counts.most_common(1)[0][0] if counts else None
