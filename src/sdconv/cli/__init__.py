@@ -21,8 +21,16 @@ Exit codes:
   6 output refused (exists without --force, or is the input)"""
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a batch job killed, a container stopped) unwinds like Ctrl-C, so the temporary
+    # output is removed and nothing partial is left
+    raise KeyboardInterrupt
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
+        import signal
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except SdconvError as e:
@@ -31,6 +39,9 @@ class _Group(click.Group):
             msg = e.message + (f" — {e.hint}" if e.hint else "")
             click.echo(f"sdconv: error: {msg}", err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("sdconv: interrupted; nothing was written", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},

@@ -88,6 +88,36 @@ class Source:
         return [self.path]
 
 
+def _header_entry(key, v) -> tuple:
+    """(TensorInfo, (start, end)) of one header entry, or ValueError saying what is wrong."""
+    if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= set(v):
+        raise ValueError(f"{key!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+    if dtype not in DTYPE_SIZE:
+        raise ValueError(f"{key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{key!r} has a bad shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise ValueError(f"{key!r} has bad data_offsets {offsets!r}")
+    info = TensorInfo(tuple(shape), dtype)
+    if offsets[1] - offsets[0] != info.nbytes:
+        raise ValueError(f"{key!r} spans {offsets[1] - offsets[0]} bytes, its shape and dtype need {info.nbytes}")
+    return info, tuple(offsets)
+
+
+def _check_extents(path, offsets: dict, data_size: int):
+    """Every tensor inside the file, none overlapping another."""
+    end_seen, last = 0, None
+    for key, (start, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
+        if end > data_size:
+            raise InputError(f"{path}: {key} ends at byte {end} of the data, which has {data_size}",
+                             "the file is truncated; download it again")
+        if start < end_seen:
+            raise InputError(f"{path}: {key} overlaps {last} in the file", "the file is damaged")
+        end_seen, last = max(end_seen, end), key
+
+
 class SafetensorsSource(Source):
     container = "safetensors"
     def __init__(self, path: Path):
@@ -107,14 +137,19 @@ class SafetensorsSource(Source):
             header = json.loads(raw)
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
-            self._meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-            self._info = {k: TensorInfo(tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
-            self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items()}
-            self._data_start = 8 + n
-            self._fd = None
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            meta = header.pop("__metadata__", None) or {}
+            if not isinstance(meta, dict):
+                raise ValueError("__metadata__ is not an object")
+            self._meta = {str(k): str(v) for k, v in meta.items()}
+            self._info, self._offsets = {}, {}
+            for k, v in header.items():
+                self._info[k], self._offsets[k] = _header_entry(k, v)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise InputError(f"{path}: not a safetensors file (invalid header: {e})",
                              "the file is damaged or is not a checkpoint")
+        self._data_start = 8 + n
+        self._fd = None
+        _check_extents(path, self._offsets, size - self._data_start)
 
     def keys(self):
         return list(self._info)
@@ -127,9 +162,9 @@ class SafetensorsSource(Source):
         with the tensor) and view them as a tensor."""
         import torch
         info = self._info[key]
-        dt = _TORCH_DTYPES[info.dtype]
+        dt = getattr(torch, _TORCH_DTYPES[info.dtype])
         data = bytearray(self.raw(key))
-        t = torch.frombuffer(data, dtype=getattr(torch, dt)) if data else torch.empty(0, dtype=getattr(torch, dt))
+        t = torch.frombuffer(data, dtype=dt) if data else torch.empty(0, dtype=dt)
         return t.reshape(info.shape)
 
     def metadata(self, folder: str = ""):
@@ -201,8 +236,11 @@ class PickleSource(Source):
                 raise UnsafeInputError(f"{path}: refused to unpickle: {reason}", _UNSAFE_HINT)
             raise InputError(f"{path}: not a readable torch checkpoint ({reason})",
                              "the file may be truncated, or not a checkpoint at all")
-        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
-            raise InputError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:200]})",
+        except (UnsafeInputError, InputError):
+            raise
+        except (Exception, RecursionError) as e:     # damaged archives fail in many ways inside torch
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise InputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})",
                              "the file may be truncated or not a checkpoint at all")
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]     # Lightning / CompVis .ckpt nesting
@@ -436,7 +474,11 @@ class AtomicOutput:
             raise OutputError(f"{parent}: not writable")
 
     def __enter__(self) -> Path:
-        d = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".sdconv-tmp", dir=self.final.parent)
+        try:
+            d = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".sdconv-tmp", dir=self.final.parent)
+        except OSError as e:
+            raise OutputError(f"{self.final.parent}: cannot write there ({e.strerror or e})",
+                              "choose a writable output folder")
         self._tmpdir = Path(d)
         self.tmp = self._tmpdir / "out" if self.folder else self._tmpdir / self.final.name
         if self.folder:

@@ -531,18 +531,27 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
         progress.reset(total=sum(p.bytes_to_write for p in plans))
     files = []
     for p, guard in zip(plans, guards):
-        with guard as tmp:
-            per_encoder = [stream(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
-                                  progress.update if progress is not None else None,
-                                  {c: (g.source, g.op) for c, g in e.grafts.items()}) for e in p.encoders]
-            if p.vision is not None:
-                v = p.vision
-                vt = stream(v.source, v.read, v.ops, v.buffers, v.arch, p.dtype)
-                written = write_full_clip(p, per_encoder[0], vt, tmp, _metadata(p, sha))
-            else:
-                written = write_output(p, per_encoder, tmp, _metadata(p, sha))
-        files += [p.output / f.relative_to(tmp) if folder else p.output for f in written]
+        try:
+            files += _write_plan(p, guard, sha, folder, progress)
+        except OSError as e:       # disk full, folder gone or read-only: the temporary is removed
+            raise OutputError(f"{p.output}: writing failed ({e.strerror or e})",
+                              "check the free space and permissions of the output folder")
     return Result(plans, [p.output for p in plans], files, sha.result() if isinstance(sha, LateValue) else sha)
+
+
+def _write_plan(p: Plan, guard: AtomicOutput, sha, folder: bool, progress) -> list[Path]:
+    """Make one output: stream its tensors into the temporary, then rename it into place."""
+    with guard as tmp:
+        per_encoder = [stream(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
+                              progress.update if progress is not None else None,
+                              {c: (g.source, g.op) for c, g in e.grafts.items()}) for e in p.encoders]
+        if p.vision is not None:
+            v = p.vision
+            vt = stream(v.source, v.read, v.ops, v.buffers, v.arch, p.dtype)
+            written = write_full_clip(p, per_encoder[0], vt, tmp, _metadata(p, sha))
+        else:
+            written = write_output(p, per_encoder, tmp, _metadata(p, sha))
+    return [p.output / f.relative_to(tmp) if folder else p.output for f in written]
 
 
 def write_full_clip(plan: Plan, text: TensorStream, vision: TensorStream, tmp: Path, meta: dict) -> list[Path]:
