@@ -97,7 +97,7 @@ def write_multi(path, layout: str, encoders: dict, extra: dict | None = None):
             write_layout(holdable(canon, target_slot(layout, kind)), one, layout,
                          params={"heads": 2, "act": act, "encoder": kind})
             if folder:
-                for sub in one.iterdir():
+                for sub in (p for p in one.iterdir() if p.is_dir()):
                     shutil.copytree(sub, path / sub.name)
             else:
                 merged.update(read_all(one))

@@ -158,7 +158,7 @@ def test_encoder_all_into_multi_encoder_layout_is_one_output(tmp_path):
     import json
     r = convert(_xl(tmp_path), tmp_path / "pipe", to="diffusers", encoder="all")
     assert r.outputs == [tmp_path / "pipe"]
-    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["text_encoder", "text_encoder_2"]
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["sdconv.json", "text_encoder", "text_encoder_2"]
     cfg2 = json.loads((tmp_path / "pipe" / "text_encoder_2" / "config.json").read_text())
     assert cfg2["architectures"] == ["CLIPTextModelWithProjection"] and cfg2["hidden_act"] == "gelu"
     back = convert(tmp_path / "pipe", tmp_path / "xl2.safetensors", to="sgm", encoder="all")

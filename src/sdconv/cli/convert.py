@@ -44,11 +44,15 @@ def _params(values) -> dict:
                    "for create_model('local-dir:...')) or hf (a CLIPModel folder).")
 @click.option("--force-activation", is_flag=True,
               help="With --with-vision, write even if the target library would run the wrong activation.")
+@click.option("--fix-position-ids", is_flag=True,
+              help="Repair drifted or corrupt position_ids (merges turn them into floats): the output gets an int64 "
+                   "arange, and the repair is recorded. Corrupt ones are refused without it.")
+@click.option("--strict", is_flag=True, help="Turn warnings (e.g. drifted position_ids) into errors.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layout, architecture, every tensor) and write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
-            with_vision, force_activation, force, dry_run, quiet):
+            with_vision, force_activation, fix_position_ids, strict, force, dry_run, quiet):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
     INPUT is a .safetensors, .ckpt/.pt/.pth/.bin file, or a model folder. Folder layouts
@@ -72,7 +76,8 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
 
     kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype,
               encoder=encoder, projection=projection, replace_projection=replace_projection,
-              allow_synthetic=allow_synthetic, with_vision=with_vision, force_activation=force_activation)
+              allow_synthetic=allow_synthetic, with_vision=with_vision, force_activation=force_activation,
+              fix_position_ids=fix_position_ids, strict=strict)
     if dry_run:
         for plan in make_plans(input, output=output, **kw):
             click.echo(plan.describe())
@@ -88,6 +93,10 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
         if bar:
             bar.close()
     if quiet:
+        for p in res.plans:
+            for e in p.encoders:
+                for w in e.warnings:
+                    click.echo(f"sdconv: warning: {w}", err=True)
         return
     how = "detected" if res.plan.verdicts is not None else "--from"
     click.echo(f"{input}: {res.plan.read.layout.name} ({how})")
@@ -96,6 +105,11 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
             a = e.arch
             click.echo(f"  {e.identity}: width {a['width']}, {a['layers']} layers, heads {e.params['heads']}, "
                        f"{e.params['act']}, projection {a.get('proj') or 'none'}")
+        for e in p.encoders:
+            for w in e.warnings:
+                click.echo(f"sdconv: warning: {w}", err=True)
+            for r in e.repairs:
+                click.echo(f"  repaired: {r}")
         for note in p.notes:
             click.echo(f"  note: {note}")
         n = sum(len(e.ops) + len(e.buffers) for e in p.encoders)

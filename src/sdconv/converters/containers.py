@@ -355,12 +355,19 @@ class FolderSource(Source):
 
 
 def open_file(path: Path) -> Source:
-    if path.suffix in SAFETENSORS_EXT:
-        return SafetensorsSource(path)
-    if path.suffix in PICKLE_EXT or path.suffix.endswith(".json"):
-        if path.name.endswith(".index.json"):
-            return ShardedSource(path)
-        return PickleSource(path)
+    try:
+        if path.suffix in SAFETENSORS_EXT:
+            return SafetensorsSource(path)
+        if path.suffix in PICKLE_EXT or path.suffix.endswith(".json"):
+            if path.name.endswith(".index.json"):
+                return ShardedSource(path)
+            return PickleSource(path)
+    except (InputError, UnsafeInputError):
+        raise
+    except (Exception, RecursionError) as e:     # a damaged file can fail anywhere below (zipfile, torch)
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})",
+                         "the file is damaged or is not a checkpoint")
     raise InputError(f"{path}: unknown file type {path.suffix!r}",
                      f"sdconv reads {', '.join(SAFETENSORS_EXT + PICKLE_EXT)} files and model folders")
 
@@ -471,7 +478,7 @@ class AtomicOutput:
         if not parent.is_dir():
             raise OutputError(f"{parent}: the output's folder does not exist", "create it first")
         if not os.access(parent, os.W_OK):
-            raise OutputError(f"{parent}: not writable")
+            raise OutputError(f"{parent}: cannot write there (not writable)", "choose a writable output folder")
 
     def __enter__(self) -> Path:
         try:

@@ -14,6 +14,7 @@ class Verdict:
     layout: str
     plans: list[ReadPlan] | None
     reason: str                 # why it matched or was rejected
+    error: Exception | None = None
 
 
 def _fits(rl: ResolvedLayout, plan: ReadPlan) -> bool:
@@ -74,7 +75,7 @@ def try_layouts(source, registry: Registry, encoder: str | None = None) -> list[
                              for p in plans)
             out.append(Verdict(name, plans, what))
         except (LayoutError, InputError) as e:
-            out.append(Verdict(name, None, e.message.replace(f"{source.path}: ", "")))
+            out.append(Verdict(name, None, e.message.replace(f"{source.path}: ", ""), e))
     return out
 
 
@@ -85,6 +86,9 @@ def _reading(plans: list[ReadPlan]) -> frozenset:
 def detect(source, registry: Registry, encoder: str | None = None) -> tuple[list[ReadPlan], list[Verdict]]:
     verdicts = try_layouts(source, registry, encoder)
     hits = [v for v in verdicts if v.plans is not None]
+    damaged = [v for v in verdicts if isinstance(v.error, InputError)]
+    if not hits and damaged:
+        raise damaged[0].error          # the layout is recognised, its encoder is broken: say how
     if not hits:
         why = "; ".join(f"{v.layout}: {v.reason}" for v in verdicts)
         raise LayoutError(f"{source.path}: no CLIP text encoder found in any known layout ({why})",

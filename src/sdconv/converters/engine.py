@@ -45,6 +45,8 @@ class EncoderPlan:
     absent_last: int = 0        # last blocks the written encoder lacks (e.g. diffusers' SD2)
     notes: list[str] = field(default_factory=list)
     grafts: dict = field(default_factory=dict)      # canonical -> Graft
+    warnings: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
 
     def source_op(self, canonical: str):
         g = self.grafts.get(canonical)
@@ -160,6 +162,10 @@ class Plan:
                              f"{', '.join(op.keys)}{t}")
             for b in e.buffers:
                 lines.append(f"    {b.key} <- synthesized ({b.synthesize}, int64)")
+            for n in e.warnings:
+                lines.append(f"  WARNING: {n}")
+            for n in e.repairs:
+                lines.append(f"  repaired: {n}")
             for n in e.read.notes + e.notes:
                 lines.append(f"  note: {n}")
         if self.vision is not None:
@@ -235,6 +241,9 @@ class Found:
     absent_last: int
     notes: list[str]
     grafts: dict = field(default_factory=dict)
+    health: dict = field(default_factory=dict)      # buffer name -> position_ids_health(...)
+    warnings: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
 
 
 def read_input(input, from_: str | None = None, given: dict | None = None, registry: Registry = DEFAULT):
@@ -267,8 +276,67 @@ def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
         ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
         pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
         absent, depth = absent_last_blocks(family, ident, arch, rp.slot, int(from_input.get("absent_last", 0)))
-        found.append(Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth))
+        f = Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth)
+        _check_dtypes(source, f)
+        f.health = _buffer_health(source, f)
+        found.append(f)
     return found
+
+
+def _check_dtypes(source: Source, f: Found):
+    """Weights must be floating point; a mixture of float dtypes is said (OpenAI's releases
+    keep norms and embeddings in fp32 beside fp16 matrices, merges sometimes mix by accident)."""
+    counts: dict = {}
+    for op in f.read.ops:
+        for k in op.keys:
+            info = source.info(k)
+            if not info.is_float:
+                raise InputError(f"{source.path}: {k} holds {info.dtype} values; a text encoder's weights are "
+                                 f"floating point", "the file is damaged, or this key is not what the layout says")
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+    if len(counts) > 1:
+        f.notes.append("mixed dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+                       + " (--dtype makes them one)")
+
+
+def _buffer_health(source: Source, f: Found) -> dict:
+    """Classify each rebuilt-not-copied buffer the source holds (position_ids): exact,
+    drifted (floats that round back: recoverable) or corrupt."""
+    from .synthetic import position_ids_health
+    out = {}
+    fam = f.read.layout.family
+    for name, key in f.read.buffers.items():
+        spec = fam.buffers.get(name)
+        if spec is None or spec.synthesize != "arange":
+            continue
+        info = source.info(key)
+        n = info.shape[-1] if info.shape else 0
+        out[name] = {"key": key, **position_ids_health(source.raw(key), info.dtype, n)}
+    return out
+
+
+def apply_repairs(found: list[Found], fix_position_ids: bool, strict: bool):
+    """Drifted position_ids: a warning, or a recorded repair with --fix-position-ids. Corrupt
+    ones: refused without it. --strict turns every warning into an error."""
+    for f in found:
+        for name, h in f.health.items():
+            bad = h.get("bad_indices", [])
+            where = f"{h['key']} ({h['dtype']}, wrong at {bad[:8]}{'...' if len(bad) > 8 else ''})"
+            if h["status"] == "drifted":
+                if fix_position_ids:
+                    f.repairs.append(f"{name}: drifted {where}; rewritten as an int64 arange")
+                else:
+                    f.warnings.append(f"{name} drifted: {where} in runtimes that truncate; outputs that hold "
+                                      f"{name} get a fresh int64 arange (pass --fix-position-ids to record the repair)")
+            elif h["status"] == "corrupt":
+                if not fix_position_ids:
+                    raise InputError(f"{f.read.layout.name} {f.identity}: {name} are corrupt: {where}; runtimes "
+                                     f"that load them read tokens at wrong positions",
+                                     f"pass --fix-position-ids to write a correct int64 arange (recorded)")
+                f.repairs.append(f"{name}: corrupt {where}; rewritten as an int64 arange")
+        f.repairs += [f"{k}: {why}" for k, why in sorted(f.read.repairs.items())]
+        if strict and f.warnings:
+            raise InputError(f"--strict: {f.warnings[0]}", "fix the input, or run without --strict")
 
 
 @dataclass
@@ -389,7 +457,8 @@ def _split_name(output: Path, identity: str) -> Path:
 def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str | None = None,
                dtype: str = "keep", output=None, encoder: str | None = None,
                projection=None, replace_projection: bool = False, allow_synthetic: bool = False,
-               with_vision=None, force_activation: bool = False, registry: Registry = DEFAULT) -> list[Plan]:
+               with_vision=None, force_activation: bool = False, fix_position_ids: bool = False,
+               strict: bool = False, registry: Registry = DEFAULT) -> list[Plan]:
     """Plan a conversion: one Plan per output (several only with encoder='all' into a layout
     that holds one encoder)."""
     if dtype not in DTYPE_CHOICES:
@@ -413,6 +482,7 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
             raise UsageError(f"{source.path} holds no {encoder} encoder; it holds {', '.join(names)}",
                              f"use --encoder {' or '.join(names)}")
 
+    apply_repairs(found, fix_position_ids, strict)
     if with_vision is not None and len(found) != 1:
         raise UsageError("--with-vision assembles one CLIP: choose one encoder with --encoder NAME")
     if with_vision is not None and projection is None:
@@ -436,7 +506,7 @@ def make_plans(input, to: str, from_: str | None = None, params=None, fmt: str |
             wnotes = [n for n in wnotes if "logit_scale" not in n]
         encs.append(EncoderPlan(f.read, f.identity, f.identity_origin, f.arch, f.params, f.param_origin, tslot, ops,
                                 buffers, layers_out, f.absent_last + f.read.layers - layers_out,
-                                f.notes + slot_notes + wnotes, f.grafts))
+                                f.notes + slot_notes + wnotes, f.grafts, f.warnings, f.repairs))
 
     if output is not None:
         output = Path(output)
@@ -474,6 +544,60 @@ def _check_output(plan: Plan, output: Path):
         raise OutputError(f"{output} is one of the input's files", "choose another output path")
 
 
+LEDGER_VERSION = 1
+
+
+def encoder_ledger(e: EncoderPlan) -> dict:
+    """Where every tensor this encoder writes comes from: the checkpoint (source keys and
+    transforms, and a repair where the spelling was a known fault), a graft (file, sha256, key),
+    or synthesis (what and why; repaired when the source's copy was broken)."""
+    out = {}
+    for op in e.ops:
+        srcs, steps, repaired = [], [], []
+        graft = None
+        for c in op.canonical:
+            if c in e.grafts:
+                graft = e.grafts[c]
+                continue
+            rop = e.read.op_for(c)
+            srcs += [k for k in rop.keys if k not in srcs]
+            if rop.transform != "rename" and rop.transform not in steps:
+                steps.append(rop.transform)
+            repaired += [e.read.repairs[k] for k in rop.keys if k in e.read.repairs]
+        if op.transform != "rename":
+            steps.append(f"inverse of {op.transform}")
+        for key in op.keys:
+            if graft is not None:
+                out[key] = {"origin": "grafted", **graft.record()}
+            else:
+                entry = {"origin": "checkpoint", "source": srcs, "transform": " then ".join(steps) or "rename"}
+                if repaired:
+                    entry["repaired"] = repaired[0]
+                out[key] = entry
+    for b in e.buffers:
+        fixed = [r for r in e.repairs if r.startswith(f"{b.name}:")]
+        out[b.key] = {"origin": "repaired" if fixed else "synthesized", "what": f"int64 {b.synthesize}",
+                      "why": fixed[0] if fixed else f"{b.name} are rebuilt, never copied (merges corrupt them)"}
+    return out
+
+
+def _ledger(plan: Plan, strip: str = "", only: EncoderPlan | None = None) -> dict:
+    tensors = {}
+    for e in plan.encoders:
+        if only is None or e is only:
+            tensors.update({k[len(strip):] if strip and k.startswith(strip) else k: v
+                            for k, v in encoder_ledger(e).items()})
+    if plan.vision is not None and only is None:
+        v = plan.vision
+        for op in v.ops:
+            for key in op.keys:
+                tensors[key] = {"origin": "reference", "file": Path(v.source.path).name, "sha256": v.sha256,
+                                "source": [k for c in op.canonical for k in v.read.op_for(c).keys]}
+    return {"version": LEDGER_VERSION, "tensors": tensors,
+            "repairs": [r for e in plan.encoders if only is None or e is only for r in e.repairs],
+            "warnings": [w for e in plan.encoders if only is None or e is only for w in e.warnings]}
+
+
 def _metadata(plan: Plan, sha: str) -> dict:
     meta = {
         "format": "pt",
@@ -487,6 +611,7 @@ def _metadata(plan: Plan, sha: str) -> dict:
                                                     "grafted": {c: g.record() for c, g in e.grafts.items()}}
                                        for e in plan.encoders}, sort_keys=True),
         "sdconv.notes": json.dumps(plan.notes),
+        "sdconv.ledger": json.dumps(_ledger(plan), sort_keys=True),
     }
     if len(plan.encoders) == 1:
         e = plan.encoders[0]
@@ -514,18 +639,23 @@ class Result:
 def convert(input, output, to: str, from_: str | None = None, params=None, fmt: str | None = None,
             dtype: str = "keep", force: bool = False, encoder: str | None = None, projection=None,
             replace_projection: bool = False, allow_synthetic: bool = False, with_vision=None,
-            force_activation: bool = False, registry: Registry = DEFAULT, progress=None) -> Result:
+            force_activation: bool = False, fix_position_ids: bool = False, strict: bool = False,
+            registry: Registry = DEFAULT, progress=None) -> Result:
     """Convert the text encoder(s) in `input` to layout `to`, written at `output` atomically.
 
     `encoder` picks one encoder of a multi-encoder checkpoint, or 'all'. `progress`, if
     given, is a tqdm-like bar: reset(total=bytes) once, then update(bytes)."""
     output = Path(output)
     plans = make_plans(input, to, from_, params, fmt, dtype, output, encoder, projection, replace_projection,
-                       allow_synthetic, with_vision, force_activation, registry)
+                       allow_synthetic, with_vision, force_activation, fix_position_ids, strict, registry)
     folder = plans[0].writes_folder
     for p in plans:
         _check_output(p, p.output)
     guards = [AtomicOutput(p.output, folder, force) for p in plans]    # refuse existing outputs up front
+    for p in plans:
+        side = sidecar_path(p)
+        if side is not None and not folder and side.exists() and not force:
+            raise OutputError(f"{side} already exists", "pass --force to replace it")
     sha = late_sha256(plans[0].source.files())        # in the background unless cached
     if progress is not None:
         progress.reset(total=sum(p.bytes_to_write for p in plans))
@@ -539,8 +669,20 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
     return Result(plans, [p.output for p in plans], files, sha.result() if isinstance(sha, LateValue) else sha)
 
 
+SIDECAR = ".sdconv.json"
+
+
+def sidecar_path(plan: Plan) -> Path | None:
+    """Where the ledger goes besides the metadata: `OUTPUT/sdconv.json` for folders,
+    `OUTPUT.sdconv.json` beside a .pt file (which has no metadata); none for safetensors files."""
+    if plan.writes_folder:
+        return plan.output / SIDECAR.lstrip(".")
+    return plan.output.with_name(plan.output.name + SIDECAR) if plan.fmt == "pt" else None
+
+
 def _write_plan(p: Plan, guard: AtomicOutput, sha, folder: bool, progress) -> list[Path]:
     """Make one output: stream its tensors into the temporary, then rename it into place."""
+    side = sidecar_path(p)
     with guard as tmp:
         per_encoder = [stream(p.source, e.read, e.ops, e.buffers, e.arch, p.dtype,
                               progress.update if progress is not None else None,
@@ -551,7 +693,26 @@ def _write_plan(p: Plan, guard: AtomicOutput, sha, folder: bool, progress) -> li
             written = write_full_clip(p, per_encoder[0], vt, tmp, _metadata(p, sha))
         else:
             written = write_output(p, per_encoder, tmp, _metadata(p, sha))
-    return [p.output / f.relative_to(tmp) if folder else p.output for f in written]
+        if side is not None:        # the ledger and provenance, for containers without metadata
+            meta = _metadata(p, sha.result() if isinstance(sha, LateValue) else sha)
+            record = {k.replace("sdconv.", ""): (json.loads(v) if k in _JSON_META else v) for k, v in meta.items()}
+            text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+            if folder:
+                (tmp / side.name).write_text(text)
+                written.append(tmp / side.name)
+            else:                   # beside the file: its own temporary, renamed once the file is in place
+                pending = side.with_name(f".{side.name}.sdconv-tmp")
+                pending.write_text(text)
+    if side is not None and not folder:
+        try:
+            os.replace(pending, side)
+        finally:
+            pending.unlink(missing_ok=True)
+        written.append(side)
+    return [p.output / f.relative_to(tmp) if folder else (side if f == side else p.output) for f in written]
+
+
+_JSON_META = {"sdconv.encoders", "sdconv.notes", "sdconv.ledger", "sdconv.params", "sdconv.arch"}
 
 
 def write_full_clip(plan: Plan, text: TensorStream, vision: TensorStream, tmp: Path, meta: dict) -> list[Path]:
@@ -588,7 +749,8 @@ def write_output(plan: Plan, per_encoder: list[TensorStream], tmp: Path, meta: d
         sub.mkdir(parents=True, exist_ok=True)
         strip = len(slot.folder)
         weights = sub / rl.layout.folder_weights[plan.fmt]
-        save_tensors(tensors.renamed(lambda k: k[strip:]), weights, plan.fmt, meta)
+        own = {**meta, "sdconv.ledger": json.dumps(_ledger(plan, slot.folder, e), sort_keys=True)}
+        save_tensors(tensors.renamed(lambda k: k[strip:]), weights, plan.fmt, own)
         files.append(weights)
         if slot.config is not None:
             cfg = sub / slot.config.file

@@ -1,6 +1,7 @@
 """Execution: run a planned conversion, one canonical tensor group at a time."""
 from __future__ import annotations
 
+from .errors import InputError
 from .plan import BufferOp, ReadPlan, WriteOp
 from .stream import Entry, TensorStream
 from .transforms import TRANSFORMS, synthesize
@@ -10,7 +11,7 @@ _CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 
 def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
-           progress=None, grafts: dict | None = None) -> TensorStream:
+           progress=None, grafts: dict | None = None, check_finite: bool = True) -> TensorStream:
     """The target tensors of one encoder, made one write op at a time (a layer's worth of
     memory). Canonical tensors live only until the op that needs them. `grafts`: {canonical
     name: (source, ReadOp)} read from another file (a reference CLIP)."""
@@ -39,6 +40,11 @@ def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], ar
                         cache[name] = t
             written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])
             for key, t in zip(op.keys, written):
+                # checked as it is made, before its bytes reach the (temporary) output
+                if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    src, rop = grafts.get(op.canonical[0]) or (source, rp.op_for(op.canonical[0]))
+                    raise InputError(f"{src.path}: {', '.join(rop.keys)} holds NaN or Inf values (for {key})",
+                                     "the checkpoint is damaged (a failed merge or training run); nothing was written")
                 if cast is not None and t.is_floating_point():
                     t = t.to(cast)
                 if progress:
@@ -51,9 +57,9 @@ def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], ar
 
 
 def run(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
-        progress=None, grafts: dict | None = None) -> dict:
+        progress=None, grafts: dict | None = None, check_finite: bool = True) -> dict:
     """The same, all in memory: {target key: tensor}."""
-    return stream(source, rp, ops, buffers, arch, dtype, progress, grafts).to_dict()
+    return stream(source, rp, ops, buffers, arch, dtype, progress, grafts, check_finite).to_dict()
 
 
 def load_canonical(source, rp: ReadPlan) -> dict:

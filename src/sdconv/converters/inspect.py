@@ -10,24 +10,9 @@ import struct
 from pathlib import Path
 
 from .registry import DEFAULT, Registry
-from .synthetic import decode, findings, projection_look, scalar
+from .synthetic import findings, position_ids_health, projection_look, scalar
 
 INSPECT_VERSION = 1
-def position_ids_health(raw: bytes, dtype: str, context: int) -> dict:
-    """exact (int, 0..C-1) / drifted (float, rounds back to 0..C-1: recoverable) / corrupt
-    (anything else). bad_indices: for drifted, where runtimes that truncate (transformers
-    <= 4.30) read the wrong position; for the others, where the value is wrong."""
-    vals = decode(raw, dtype)
-    want = list(range(context))
-    if dtype.startswith(("I", "U")):
-        bad = [i for i, v in enumerate(vals) if i >= context or v != i]
-        return {"status": "exact" if vals == want else "corrupt", "dtype": dtype, "bad_indices": bad}
-    rounded = [round(v) for v in vals]
-    if rounded == want:   # a float buffer is already off the rails: merges drift it further
-        return {"status": "drifted", "dtype": dtype, "bad_indices": [i for i, v in enumerate(vals) if int(v) != i]}
-    return {"status": "corrupt", "dtype": dtype, "bad_indices": [i for i, v in enumerate(rounded) if i >= context or v != i]}
-
-
 def _architecture(family, arch: dict) -> str:
     k = family.kind_by_width(arch["width"])
     if k and arch["layers"] in (k.layers, k.layers - 1) and arch["ffn"] == 4 * arch["width"]:
@@ -107,7 +92,29 @@ def inspect(input, from_: str | None = None, registry: Registry = DEFAULT) -> di
         "encoders": encoders,
         "components": components,
         "metadata": source.metadata(reads[0].folder),
+        "ledger": _ledger_summary(source, reads[0].folder),
     }
+
+
+def _ledger_summary(source, folder: str) -> dict | None:
+    """What an sdconv output says of its own tensors: counts by origin, repairs, grafts."""
+    import json
+    raw = source.metadata(folder).get("sdconv.ledger")
+    ledger = json.loads(raw) if raw else None
+    if ledger is None:
+        side = Path(str(source.path) + ".sdconv.json")
+        if source.is_folder:
+            side = Path(source.path) / "sdconv.json"
+        if side.is_file():
+            ledger = json.loads(side.read_text()).get("ledger")
+    if not ledger:
+        return None
+    origins: dict = {}
+    for entry in ledger.get("tensors", {}).values():
+        origins[entry["origin"]] = origins.get(entry["origin"], 0) + 1
+    grafted = sorted({f"{e['file']}:{e['key']}" for e in ledger["tensors"].values() if e["origin"] == "grafted"})
+    return {"origins": origins, "repairs": ledger.get("repairs", []), "grafted": grafted,
+            "warnings": ledger.get("warnings", [])}
 
 
 def render(report: dict) -> str:
@@ -128,11 +135,20 @@ def render(report: dict) -> str:
         lines.append(f"  logit_scale: {'none' if e['logit_scale'] is None else round(e['logit_scale'], 4)}")
         pid = e["position_ids"]
         extra = f", wrong at {pid['bad_indices'][:10]}" if pid.get("bad_indices") else ""
+        if pid["status"] in ("drifted", "corrupt"):
+            extra += " (convert with --fix-position-ids to repair)"
         lines.append(f"  position_ids: {pid['status']}{' (' + pid['dtype'] + ')' if 'dtype' in pid else ''}{extra}")
         for n in e["synthetic"]:
             lines.append(f"  SYNTHETIC? {n}")
         for n in e["notes"]:
             lines.append(f"  note: {n}")
+    led = report.get("ledger")
+    if led:
+        lines.append("sdconv ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(led["origins"].items())))
+        for g in led["grafted"]:
+            lines.append(f"  grafted from {g}")
+        for r in led["repairs"]:
+            lines.append(f"  repaired: {r}")
     if report["components"]:
         lines.append("other components:")
         for name, c in sorted(report["components"].items()):

@@ -40,6 +40,7 @@ class ReadPlan:
     prefix: str = ""            # the prefix the encoder was found under
     buffers: dict = field(default_factory=dict)     # buffer name -> source key (dropped, but inspected)
     keys: tuple = ()            # every source key the slot accounts for (read, dropped or ignored)
+    repairs: dict = field(default_factory=dict)     # source key -> fault its spelling repairs (aliases)
 
     @property
     def bytes_to_read(self) -> int:
@@ -95,6 +96,7 @@ def slot_view(source, slot: Slot, prefix: str):
         prefix, folder = prefix[len(folder):], ""
     view: dict[str, str] = {}
     aliased: dict[str, str] = {}
+    repairs: dict[str, str] = {}    # source key -> the fault its spelling repairs
     for k in keys:
         if not k.startswith(prefix):
             continue
@@ -104,6 +106,8 @@ def slot_view(source, slot: Slot, prefix: str):
         for a in slot.aliases:
             if rel.startswith(a.source):
                 aliased[a.target + rel[len(a.source):]] = k
+                if a.repair:
+                    repairs[k] = a.repair
                 break
         else:
             view[rel] = k
@@ -112,7 +116,7 @@ def slot_view(source, slot: Slot, prefix: str):
             raise InputError(f"{source.path}: holds both {view[rel]!r} and {k!r}, two spellings of one tensor",
                              "remove one of them; sdconv will not guess which is right")
         view[rel] = k
-    return view, folder
+    return view, folder, repairs
 
 
 def slot_present(source, slot: Slot) -> list[str]:
@@ -133,7 +137,7 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None)
     raise LayoutError if they do not fit."""
     prefix = slot.prefix if prefix is None else prefix
     naming, family = rl.namings[slot.name], rl.family
-    view, folder = slot_view(source, slot, prefix)
+    view, folder, repairs = slot_view(source, slot, prefix)
     where = f"layout {rl.name}, encoder {slot.name}" if len(rl.layout.slots) > 1 else f"layout {rl.name}"
     if not view:
         raise LayoutError(f"{source.path}: no keys under {prefix or 'the top level'!r} for {where}")
@@ -229,8 +233,10 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None)
                              f"{op.transform} transform cannot take")
         for c, s in zip(op.canonical, out):
             shapes[c], dtypes[c] = tuple(s), infos[0].dtype
+    if repairs:
+        notes.append(f"repaired {len(repairs)} keys: {sorted(set(repairs.values()))[0]} (read as the standard names)")
     return ReadPlan(rl, slot, ops, shapes, dtypes, layers, folder, notes, prefix, found_buffers,
-                    tuple(view.values())).index(source)
+                    tuple(view.values()), repairs).index(source)
 
 
 # ---------------------------------------------------------------- architecture

@@ -94,6 +94,7 @@ class Naming:
 class Alias:
     source: str                 # key prefix (relative to the slot prefix) as some tool writes it
     target: str                 # what it means in this naming
+    repair: str = ""            # if reading it repairs a known fault: what (recorded in the ledger)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,25 @@ def _shape(v, path, line, what):
 
 # ---------------------------------------------------------------- parsers
 
+def _guarded(parse):
+    """A structure the checks above did not foresee (a list where a mapping belongs, a number
+    where a name belongs) is still a MappingError naming the file, never a traceback."""
+    import functools
+
+    @functools.wraps(parse)
+    def wrapper(path, *args):
+        try:
+            return parse(path, *args)
+        except MappingError:
+            raise
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
+            raise MappingError(path, 0, f"malformed {parse.__name__.replace('parse_', '')} file "
+                                        f"({type(e).__name__}: {e})",
+                               "compare it with a built-in mapping file, or run `sdconv layouts`")
+    return wrapper
+
+
+@_guarded
 def parse_family(path) -> Family:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "description": True,
@@ -259,6 +279,7 @@ def parse_family(path) -> Family:
                   Path(path))
 
 
+@_guarded
 def parse_naming(path, family: Family) -> Naming:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "description": True,
@@ -311,6 +332,7 @@ def parse_naming(path, family: Family) -> Naming:
     return Naming(name, d["description"], tuple(entries), buffers, Path(path))
 
 
+@_guarded
 def parse_layout(path) -> Layout:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "family": True, "description": True,
@@ -340,8 +362,9 @@ def parse_layout(path) -> Layout:
             raise MappingError(path, s.line_of("drop_last_layers"), "drop_last_layers needs a why: say what is lost")
         aliases = []
         for a in s.get("aliases") or []:
-            _fields(a, path, {"from": True, "to": True}, "alias")
-            aliases.append(Alias(_str(a["from"], path, a.line, "alias from"), _str(a["to"], path, a.line, "alias to")))
+            _fields(a, path, {"from": True, "to": True, "repair": False}, "alias")
+            aliases.append(Alias(_str(a["from"], path, a.line, "alias from"), _str(a["to"], path, a.line, "alias to"),
+                                 str(a.get("repair", ""))))
         params = dict(s.get("params") or {})
         for k in params:
             if k not in PARAM_NAMES:

@@ -56,6 +56,21 @@ def matrix_look(raw: bytes, shape: tuple, dtype: str) -> str:
     return "trained"
 
 
+def position_ids_health(raw: bytes, dtype: str, context: int) -> dict:
+    """exact (int, 0..C-1) / drifted (float, rounds back to 0..C-1: recoverable) / corrupt
+    (anything else). bad_indices: for drifted, where runtimes that truncate (transformers
+    <= 4.30) read the wrong position; for the others, where the value is wrong."""
+    vals = decode(raw, dtype)
+    want = list(range(context))
+    if dtype.startswith(("I", "U")):
+        bad = [i for i, v in enumerate(vals) if i >= context or v != i]
+        return {"status": "exact" if vals == want else "corrupt", "dtype": dtype, "bad_indices": bad}
+    rounded = [round(v) for v in vals]
+    if rounded == want:   # a float buffer is already off the rails: merges drift it further
+        return {"status": "drifted", "dtype": dtype, "bad_indices": [i for i, v in enumerate(vals) if int(v) != i]}
+    return {"status": "corrupt", "dtype": dtype, "bad_indices": [i for i, v in enumerate(rounded) if i >= context or v != i]}
+
+
 def _op_with(rp: ReadPlan, canonical: str):
     return next((op for op in rp.ops if canonical in op.canonical), None)
 

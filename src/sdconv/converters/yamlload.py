@@ -71,6 +71,8 @@ def load_yaml(path) -> LineDict:
         raise MappingError(path, 0, f"cannot read mapping file: {e}")
     try:
         node = yaml.compose(text, Loader=_Base)
+    except RecursionError:
+        raise MappingError(path, 0, "invalid YAML: nested too deeply")
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else 0
         raise MappingError(path, line, f"invalid YAML: {e.problem}")
@@ -78,4 +80,7 @@ def load_yaml(path) -> LineDict:
         raise MappingError(path, 0, f"invalid YAML: {e}")
     if node is None or not isinstance(node, yaml.MappingNode):
         raise MappingError(path, 1, "a mapping file must be a YAML mapping (key: value lines)")
-    return _build(node, path)
+    try:
+        return _build(node, path)
+    except RecursionError:
+        raise MappingError(path, 0, "invalid YAML: nested too deeply")
