@@ -49,7 +49,7 @@ def test_bad_template_in_naming(tmp_path):
     d = tmp_path / "maps"
     (d / "naming").mkdir(parents=True)
     text = (BUILTIN_DIR / "naming" / "openai.yaml").read_text().replace(
-        "transformer.resblocks.<layer>.ln_1.weight", "transformer.resblocks.{layer}.ln_1.weight")
+        "transformer.resblocks.<layer>.ln_1.weight", "transformer.resblocks.{layer}.ln_1.weight") + "overrides: true\n"
     (d / "naming" / "openai.yaml").write_text(text)
     reg = Registry((BUILTIN_DIR, d))
     with pytest.raises(MappingError) as e:
@@ -60,7 +60,8 @@ def test_bad_template_in_naming(tmp_path):
 def test_unknown_transform_suggests(tmp_path):
     d = tmp_path / "maps"
     (d / "naming").mkdir(parents=True)
-    text = (BUILTIN_DIR / "naming" / "openai.yaml").read_text().replace("transform: transpose", "transform: transpos")
+    text = (BUILTIN_DIR / "naming" / "openai.yaml").read_text().replace("transform: transpose",
+                                                                        "transform: transpos") + "overrides: true\n"
     (d / "naming" / "openai.yaml").write_text(text)
     with pytest.raises(MappingError) as e:
         Registry((BUILTIN_DIR, d)).layout("open_clip")
@@ -99,7 +100,7 @@ def test_missing_required_canonical(tmp_path):
     d = tmp_path / "maps"
     (d / "naming").mkdir(parents=True)
     text = "\n".join(ln for ln in (BUILTIN_DIR / "naming" / "hf.yaml").read_text().splitlines()
-                     if "final_norm.bias" not in ln)
+                     if "final_norm.bias" not in ln) + "\noverrides: true\n"
     (d / "naming" / "hf.yaml").write_text(text)
     with pytest.raises(MappingError) as e:
         Registry((BUILTIN_DIR, d)).layout("hf")
@@ -146,3 +147,59 @@ def test_every_mapping_file_is_package_data():
     for p in BUILTIN_DIR.rglob("*.yaml"):
         rel = p.relative_to(BUILTIN_DIR).as_posix()
         assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel
+
+
+def test_user_file_with_a_builtin_name_must_say_it_overrides(tmp_path):
+    text = (BUILTIN_DIR / "openai.yaml").read_text().replace("description: ", "description: my ")
+    reg, path = _registry_with(tmp_path, "openai", text)
+    with pytest.raises(MappingError, match="is the name of a built-in") as e:
+        reg.layout("openai")
+    assert "overrides: true" in str(e.value)
+    reg, _ = _registry_with(tmp_path, "openai", text + "overrides: true\n")
+    assert reg.layout("openai").layout.description.startswith("my ")
+    assert reg.origin("openai") == str(path)
+
+
+def test_sdconv_mappings_env(tmp_path, monkeypatch):
+    d = tmp_path / "maps"
+    d.mkdir()
+    (d / "mine.yaml").write_text(GOOD.replace("name: openai", "name: mine"))
+    monkeypatch.setenv("SDCONV_MAPPINGS", str(d))
+    reg = Registry.with_user_dirs()
+    assert "mine" in reg.layout_names() and reg.origin("mine") == str(d / "mine.yaml")
+    assert reg.origin("openai") == "built-in"
+    monkeypatch.setenv("SDCONV_MAPPINGS", str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="does not exist"):
+        Registry.with_user_dirs()
+
+
+def test_user_layout_round_trips_with_every_builtin(tmp_path):
+    """A layout from a temporary folder, A -> built-in B -> A, bitwise (less what B cannot hold)."""
+    import torch
+
+    from fixtures import ALL_LAYOUTS, distinct_canonical, holdable, read_all, target_slot
+    from sdconv import convert
+    from sdconv.converters.sample import write_canonical
+    text = GOOD.replace("name: openai", "name: mytrainer").replace('prefix: ""', "prefix: model.text.") \
+        .replace("description: OpenAI", "description: mytrainer").replace("ignore: [visual., input_resolution, "
+                                                                          "context_length, vocab_size]", "")
+    reg, _ = _registry_with(tmp_path, "mytrainer", text)
+    assert reg.layout("mytrainer").layout.slots["clip"].prefix == "model.text."
+    canon = distinct_canonical(vocab=1000, layers=3)
+    params = {"heads": 2, "act": "quick_gelu", "encoder": "clip_l"}
+    src = tmp_path / "src.safetensors"
+    write_canonical(canon, src, "mytrainer", params, registry=reg)
+    original = read_all(src)
+    assert all(k.startswith("model.text.") for k in original)
+    for b in ALL_LAYOUTS:
+        folder = reg.layout(b).layout.output == "folder"
+        mid = tmp_path / (f"mid-{b}" if folder else f"mid-{b}.safetensors")
+        back = tmp_path / f"back-{b}.safetensors"
+        convert(src, mid, to=b, from_="mytrainer", registry=reg, params={"encoder": "clip_l"})
+        convert(mid, back, to="mytrainer", from_=b, registry=reg, params={"encoder": "clip_l"})
+        kept = holdable(canon, target_slot(b, "clip_l"))
+        ref = tmp_path / f"ref-{b}.safetensors"
+        write_canonical(kept, ref, "mytrainer", params, registry=reg)
+        want, got = read_all(ref), read_all(back)
+        assert set(got) == set(want), b
+        assert all(torch.equal(got[k], want[k]) for k in want), b

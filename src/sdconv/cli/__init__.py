@@ -48,8 +48,10 @@ class _Group(click.Group):
              epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="sdconv")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.option("--mappings", "mappings", multiple=True, type=click.Path(), metavar="DIR",
+              help="A folder of extra mapping files (layouts); repeatable. Also SDCONV_MAPPINGS (a path list).")
 @click.pass_context
-def main(ctx, debug):
+def main(ctx, debug, mappings):
     """Extract and convert the CLIP text encoder of Stable Diffusion checkpoints.
 
     \b
@@ -61,6 +63,14 @@ def main(ctx, debug):
       sdconv verify clip-l.safetensors ViT-L-14.pt
     """
     ctx.ensure_object(dict)["debug"] = debug
+    ctx.obj["mappings"] = mappings
+
+
+def registry():
+    """The registry for this run: built-in mappings plus --mappings and SDCONV_MAPPINGS folders."""
+    from ..converters.registry import Registry
+    ctx = click.get_current_context()
+    return Registry.with_user_dirs(ctx.find_root().obj.get("mappings", ()))
 
 
 from . import convert as _convert  # noqa: E402,F401  (registers the commands)

@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from . import EXIT_CODES, main
+from . import EXIT_CODES, main, registry
 
 
 def _params(values) -> dict:
@@ -77,7 +77,7 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
     kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype,
               encoder=encoder, projection=projection, replace_projection=replace_projection,
               allow_synthetic=allow_synthetic, with_vision=with_vision, force_activation=force_activation,
-              fix_position_ids=fix_position_ids, strict=strict)
+              fix_position_ids=fix_position_ids, strict=strict, registry=registry())
     if dry_run:
         for plan in make_plans(input, output=output, **kw):
             click.echo(plan.describe())

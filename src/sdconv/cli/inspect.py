@@ -4,7 +4,7 @@ import json
 
 import click
 
-from . import EXIT_CODES, main
+from . import EXIT_CODES, main, registry
 
 
 @main.command(epilog=EXIT_CODES)
@@ -28,5 +28,5 @@ def inspect(input, from_, as_json):
     """
     from ..converters.inspect import inspect as run, render
 
-    report = run(input, None if from_ == "auto" else from_)
+    report = run(input, None if from_ == "auto" else from_, registry())
     click.echo(json.dumps(report, indent=2) if as_json else render(report))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from . import main, registry
 
 
 @main.command()
@@ -26,6 +26,6 @@ def sample(output, layout, preset, dtype, seed, force):
     """
     from ..converters.sample import write_sample
 
-    info = write_sample(output, layout, preset, dtype, seed, force=force)
+    info = write_sample(output, layout, preset, dtype, seed, force=force, registry=registry())
     click.echo(f"wrote {output}: {layout} sample, preset {preset} ({info['tensors']} tensors, "
                f"heads {info['params']['heads']}, {info['params']['act']}), random weights, seed {seed}")

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from . import EXIT_CODES, main
+from . import EXIT_CODES, main, registry
 from .convert import _params
 
 
@@ -46,6 +46,7 @@ def verify(a, b, encoder, from_a, from_b, param_a, param_b, prompts, tokenizer, 
     lines = None
     if prompts:
         lines = [ln.strip() for ln in open(prompts, encoding="utf-8") if ln.strip()]
-    report = run(a, b, encoder, from_a, from_b, _params(param_a), _params(param_b), lines, tokenizer, atol)
+    report = run(a, b, encoder, from_a, from_b, _params(param_a), _params(param_b), lines, tokenizer, atol,
+                 registry())
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
     sys.exit(report["exit_code"])

@@ -4,6 +4,7 @@ references between them (layout -> family, layout slot -> naming) and suggests c
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,15 +27,48 @@ class ResolvedLayout:
 
 
 class Registry:
+    """Mapping files from the built-in folder, then user folders (--mappings, SDCONV_MAPPINGS).
+    A user file with a built-in file's name must say `overrides: true`; a later user folder
+    wins over an earlier one."""
+
     def __init__(self, dirs=(BUILTIN_DIR,)):
         self.dirs = tuple(Path(d) for d in dirs)
+
+    @classmethod
+    def with_user_dirs(cls, extra=()) -> "Registry":
+        env = [d for d in os.environ.get("SDCONV_MAPPINGS", "").split(os.pathsep) if d]
+        dirs = [Path(d) for d in [*env, *extra]]
+        for d in dirs:
+            if not d.is_dir():
+                raise UsageError(f"mapping folder {d} does not exist",
+                                 "check --mappings and SDCONV_MAPPINGS (a list of folders)")
+        return cls((BUILTIN_DIR, *dirs)) if dirs else DEFAULT
 
     def _find(self, sub: str, name: str) -> Path | None:
         for d in reversed(self.dirs):            # later folders override earlier ones
             p = d / sub / f"{name}.yaml"
             if p.is_file():
+                self._check_override(p, sub, name)
                 return p
         return None
+
+    def _check_override(self, p: Path, sub: str, name: str):
+        builtin = BUILTIN_DIR / sub / f"{name}.yaml"
+        if p.resolve() == builtin.resolve() or not builtin.is_file():
+            return
+        from .yamlload import load_yaml
+        d = load_yaml(p)
+        if d.get("overrides") is not True:
+            raise MappingError(p, d.line, f"{name!r} is the name of a built-in {sub.rstrip('/') or 'layout'} "
+                                          f"({builtin})", "rename it, or add `overrides: true` to replace the built-in")
+
+    def origin(self, name: str) -> str:
+        """'built-in' or the user file a layout comes from."""
+        for d in reversed(self.dirs):
+            p = d / f"{name}.yaml"
+            if p.is_file():
+                return "built-in" if d == BUILTIN_DIR else str(p)
+        return "?"
 
     def layout_names(self) -> list[str]:
         return sorted({p.stem for d in self.dirs for p in d.glob("*.yaml")})

@@ -152,6 +152,7 @@ class Layout:
     components: dict            # other parts of a checkpoint, for inspect: name -> key prefixes
     path: Path
     vision: VisionSpec | None = None
+    overrides: bool = False     # a user layout that replaces the built-in of the same name
 
 
 # ---------------------------------------------------------------- checks
@@ -239,7 +240,8 @@ def _guarded(parse):
 def parse_family(path) -> Family:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "description": True,
-                      "tensors": True, "buffers": False, "params": True, "kinds": False, "presets": False}, "family")
+                      "tensors": True, "buffers": False, "params": True, "kinds": False, "presets": False,
+                      "overrides": False}, "family")
     name = _header(d, path, "family")
     tensors = []
     for tname, v in d["tensors"].items():
@@ -283,7 +285,7 @@ def parse_family(path) -> Family:
 def parse_naming(path, family: Family) -> Naming:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "description": True,
-                      "tensors": True, "groups": False, "buffers": False}, "naming")
+                      "tensors": True, "groups": False, "buffers": False, "overrides": False}, "naming")
     name = _header(d, path, "naming")
     entries = []
 
@@ -337,7 +339,8 @@ def parse_layout(path) -> Layout:
     d = load_yaml(path)
     _fields(d, path, {"schema": True, "kind": True, "name": True, "family": True, "description": True,
                       "output": True, "folder_weights": False, "encoders": True, "ignore": False,
-                      "detect": False, "sample": False, "components": False, "vision": False}, "layout")
+                      "detect": False, "sample": False, "components": False, "vision": False,
+                      "overrides": False}, "layout")
     name = _header(d, path, "layout")
     if d["output"] not in ("file", "folder"):
         raise MappingError(path, d.line_of("output"), f"output must be 'file' or 'folder', found {d['output']!r}")
@@ -410,4 +413,4 @@ def parse_layout(path) -> Layout:
                             vcfg)
     return Layout(name, _str(d["family"], path, d.line_of("family"), "family"), d["description"], d["output"],
                   dict(fw), slots, tuple(d.get("ignore") or ()), int(detect.get("priority", 0)), extra, components,
-                  Path(path), vision)
+                  Path(path), vision, bool(d.get("overrides", False)))

@@ -29,13 +29,14 @@ class Side:
     synthetic: list             # what looks fabricated (synthetic.findings, deep)
 
 
-def load_side(path, from_=None, encoder=None, params=None) -> Side:
+def load_side(path, from_=None, encoder=None, params=None, registry=None) -> Side:
     from .engine import _parse_params, analyse, read_input
     from .execute import load_canonical
     from .synthetic import findings
 
+    from .registry import DEFAULT
     given = _parse_params(params)
-    source, reads, _ = read_input(path, from_, given)
+    source, reads, _ = read_input(path, from_, given, registry or DEFAULT)
     found = analyse(source, reads, given)
     names = [f.identity for f in found]
     if encoder:
@@ -99,12 +100,12 @@ def _stats(x, y) -> dict:
 
 
 def verify(a_path, b_path, encoder=None, from_a=None, from_b=None, params_a=None, params_b=None,
-           prompts=None, tokenizer=None, atol: float = 1e-5) -> dict:
+           prompts=None, tokenizer=None, atol: float = 1e-5, registry=None) -> dict:
     import torch
 
     from .forward import PROBE_ROWS, as_float32, encode, probe_ids
-    a = load_side(a_path, from_a, encoder, params_a)
-    b = load_side(b_path, from_b, encoder, params_b)
+    a = load_side(a_path, from_a, encoder, params_a, registry)
+    b = load_side(b_path, from_b, encoder, params_b, registry)
     w = compare_weights(a, b)
     report = {"a": _describe(a), "b": _describe(b), "weights": w, "atol": atol}
     if not w["same_shapes"]:
