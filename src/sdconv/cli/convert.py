@@ -18,8 +18,10 @@ def _params(values) -> dict:
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("input", type=click.Path(exists=False, dir_okay=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output file or folder.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=False, dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output file or folder; with several inputs (or a folder of checkpoints, a glob, or a path "
+                   "ending in /) the folder the outputs go to.")
 @click.option("--to", "to", required=True, metavar="LAYOUT", help="Target layout (see `sdconv layouts`).")
 @click.option("--from", "from_", default="auto", show_default=True, metavar="LAYOUT|auto",
               help="Input layout; auto detects it from the file's keys.")
@@ -50,13 +52,23 @@ def _params(values) -> dict:
 @click.option("--strict", is_flag=True, help="Turn warnings (e.g. drifted position_ids) into errors.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layout, architecture, every tensor) and write nothing.")
+@click.option("--continue-on-error", is_flag=True, help="Batch: go on after an input fails.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Batch: write one JSON line per input (layout, encoders, outputs, sha256, warnings, error).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
-            with_vision, force_activation, fix_position_ids, strict, force, dry_run, quiet):
+def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
+            with_vision, force_activation, fix_position_ids, strict, force, dry_run, quiet, continue_on_error,
+            report):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
     INPUT is a .safetensors, .ckpt/.pt/.pth/.bin file, or a model folder. Folder layouts
     (hf, diffusers) write a folder with config.json; the others write one file.
+
+    Batch: several inputs, a folder of checkpoints or a glob convert into the folder -o,
+    as <stem>.safetensors (.pt; a folder <stem> for folder layouts; <stem>.<encoder>... when
+    --encoder all splits). Outputs that sdconv made with the same options and are newer than
+    their input are skipped (--force redoes them); stale ones are replaced. A summary closes
+    the run; --report writes JSON lines.
 
     \b
     Examples:
@@ -71,13 +83,21 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
       sdconv convert sdxl.safetensors -o g.safetensors --to open_clip --encoder clip_g
       sdconv convert sdxl.safetensors -o clip.safetensors --to openai --encoder all
                                    (writes clip.clip_l.safetensors and clip.clip_g.safetensors)
+      sdconv convert models/ -o encoders/ --to openai --encoder all --continue-on-error
+      sdconv convert 'models/*.ckpt' -o encoders/ --to hf --report report.jsonl
     """
+    from ..converters.batch import expand
     from ..converters.engine import convert as run_convert, make_plans
 
+    paths, batch = expand(inputs)
+    batch = batch or output.endswith(("/", "\\"))
     kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype,
               encoder=encoder, projection=projection, replace_projection=replace_projection,
               allow_synthetic=allow_synthetic, with_vision=with_vision, force_activation=force_activation,
               fix_position_ids=fix_position_ids, strict=strict, registry=registry())
+    if batch:
+        return _batch(paths, output, kw, force, continue_on_error, report, quiet, dry_run)
+    (input,) = paths
     if dry_run:
         for plan in make_plans(input, output=output, **kw):
             click.echo(plan.describe())
@@ -114,3 +134,46 @@ def convert(input, output, to, from_, fmt, dtype, params, encoder, projection, r
             click.echo(f"  note: {note}")
         n = sum(len(e.ops) + len(e.buffers) for e in p.encoders)
         click.echo(f"wrote {p.output} ({p.target.name}, {p.fmt}, {n} tensors, {p.bytes_to_write / 1e6:.1f} MB)")
+
+
+def _batch(paths, output, kw, force, continue_on_error, report, quiet, dry_run):
+    import json
+    import sys
+    from pathlib import Path
+
+    from ..converters.batch import run_batch
+    from ..converters.engine import make_plans
+    reg = kw.pop("registry")
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
+    if dry_run:
+        for p in paths:
+            for plan in make_plans(p, output=Path(output) / p.name, registry=reg, **kw):
+                click.echo(plan.describe())
+        click.echo("dry run: nothing written")
+        return
+    out = open(report, "w", encoding="utf-8") if report else None
+
+    def show(rec):
+        if out:
+            out.write(rec.json() + "\n")
+            out.flush()
+        if not quiet:
+            what = ", ".join(rec.outputs) if rec.outputs else (rec.error or rec.reason)
+            click.echo(f"{rec.status:<9} {rec.input} -> {what}")
+        for w in rec.warnings:
+            click.echo(f"sdconv: warning: {rec.input}: {w}", err=True)
+    try:
+        records = run_batch(paths, Path(output), kw, options, force, continue_on_error, reg, show)
+    finally:
+        if out:
+            out.close()
+    for rec in records[len([r for r in records if r.status != "not run"]):]:
+        show(rec)
+    counts = {s: sum(r.status == s for r in records) for s in ("converted", "skipped", "failed", "not run")}
+    if not quiet:
+        click.echo("summary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "not run"))
+    failed = [r for r in records if r.status == "failed"]
+    for r in failed:
+        click.echo(f"  failed: {r.error}", err=True)
+    if failed:
+        sys.exit(failed[0].exit_code)

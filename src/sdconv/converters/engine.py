@@ -613,6 +613,8 @@ def _metadata(plan: Plan, sha: str) -> dict:
         "sdconv.notes": json.dumps(plan.notes),
         "sdconv.ledger": json.dumps(_ledger(plan), sort_keys=True),
     }
+    if getattr(plan, "options", None) is not None:     # what batch runs compare to skip up-to-date outputs
+        meta["sdconv.options"] = json.dumps(plan.options, sort_keys=True)
     if len(plan.encoders) == 1:
         e = plan.encoders[0]
         meta.update({"sdconv.encoder": e.identity, "sdconv.params": json.dumps(e.params, sort_keys=True),
@@ -640,7 +642,7 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
             dtype: str = "keep", force: bool = False, encoder: str | None = None, projection=None,
             replace_projection: bool = False, allow_synthetic: bool = False, with_vision=None,
             force_activation: bool = False, fix_position_ids: bool = False, strict: bool = False,
-            registry: Registry = DEFAULT, progress=None) -> Result:
+            registry: Registry = DEFAULT, progress=None, options: dict | None = None) -> Result:
     """Convert the text encoder(s) in `input` to layout `to`, written at `output` atomically.
 
     `encoder` picks one encoder of a multi-encoder checkpoint, or 'all'. `progress`, if
@@ -661,6 +663,7 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
         progress.reset(total=sum(p.bytes_to_write for p in plans))
     files = []
     for p, guard in zip(plans, guards):
+        p.options = options
         try:
             files += _write_plan(p, guard, sha, folder, progress)
         except OSError as e:       # disk full, folder gone or read-only: the temporary is removed
@@ -712,7 +715,7 @@ def _write_plan(p: Plan, guard: AtomicOutput, sha, folder: bool, progress) -> li
     return [p.output / f.relative_to(tmp) if folder else (side if f == side else p.output) for f in written]
 
 
-_JSON_META = {"sdconv.encoders", "sdconv.notes", "sdconv.ledger", "sdconv.params", "sdconv.arch"}
+_JSON_META = {"sdconv.encoders", "sdconv.notes", "sdconv.ledger", "sdconv.params", "sdconv.arch", "sdconv.options"}
 
 
 def write_full_clip(plan: Plan, text: TensorStream, vision: TensorStream, tmp: Path, meta: dict) -> list[Path]:

@@ -1,0 +1,163 @@
+"""Batch conversions: many inputs, one output folder, incremental, with a report.
+
+Inputs are files, model folders, folders of checkpoints (expanded, not recursive) or globs.
+Outputs are named `<stem><ext>` (or a folder `<stem>` for folder layouts; with --encoder all
+and a one-encoder layout, `<stem>.<encoder><ext>`). An output that sdconv made from the same
+input with the same options, newer than the input, is skipped (unless force); a stale one made
+by sdconv is replaced; anything else already there is refused without force.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .containers import FOLDER_WEIGHTS, PICKLE_EXT, SAFETENSORS_EXT
+from .errors import SdconvError, UsageError
+
+CHECKPOINT_EXT = SAFETENSORS_EXT + PICKLE_EXT
+MODEL_FOLDER_MARKERS = ("config.json", "model_index.json", "open_clip_config.json")
+
+
+def is_model_folder(d: Path) -> bool:
+    """A transformers / diffusers / open_clip folder (one model), as opposed to a folder of checkpoints."""
+    if any((d / m).is_file() for m in MODEL_FOLDER_MARKERS + FOLDER_WEIGHTS):
+        return True
+    return any(sub.is_dir() and any((sub / m).is_file() for m in MODEL_FOLDER_MARKERS + FOLDER_WEIGHTS)
+               for sub in d.iterdir())
+
+
+def expand(inputs) -> tuple[list[Path], bool]:
+    """(input paths, whether this is a batch): globs and folders of checkpoints expanded."""
+    out, batch = [], len(inputs) > 1
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists() and glob.has_magic(str(raw)):
+            hits = sorted(Path(h) for h in glob.glob(str(raw)))
+            if not hits:
+                raise UsageError(f"{raw}: no file matches", "check the pattern")
+            out += hits
+            batch = True
+        elif p.is_dir() and not is_model_folder(p):
+            hits = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in CHECKPOINT_EXT)
+            if not hits:
+                raise UsageError(f"{p}: no checkpoints in this folder", f"sdconv reads {', '.join(CHECKPOINT_EXT)}")
+            out += hits
+            batch = True
+        else:
+            out.append(p)
+    return out, batch
+
+
+def output_for(inp: Path, out_dir: Path, folder_layout: bool, fmt: str | None) -> Path:
+    stem = inp.name if inp.is_dir() else inp.stem
+    if folder_layout:
+        return out_dir / stem
+    return out_dir / (stem + (".pt" if fmt == "pt" else ".safetensors"))
+
+
+def _made_by_sdconv_with(out: Path, options: dict) -> bool | None:
+    """True: sdconv made it with these options; False: with others; None: not sdconv's."""
+    from .containers import open_source
+    from .engine import SIDECAR
+    meta = None
+    for side in (out.with_name(out.name + SIDECAR), out / SIDECAR.lstrip(".")):
+        if side.is_file():
+            try:
+                meta = {"sdconv.options": json.dumps(json.loads(side.read_text()).get("options"), sort_keys=True)}
+            except (OSError, ValueError):
+                return None
+            break
+    if meta is None:
+        try:
+            meta = open_source(out).metadata()
+        except SdconvError:
+            return None
+    if "sdconv.options" not in meta:
+        return None
+    return meta["sdconv.options"] == json.dumps(options, sort_keys=True)
+
+
+def _existing_outputs(out: Path, registry) -> list[Path]:
+    """What an earlier run made for this output name: the output itself, or its per-encoder
+    splits (<stem>.<encoder><ext>)."""
+    if out.exists():
+        return [out]
+    base = out.stem if out.suffix else out.name
+    names = set()
+    for _, rl in registry.all_layouts():
+        if hasattr(rl, "family"):
+            names |= set(rl.family.kinds) | set(rl.layout.slots)
+    return sorted(p for n in names if (p := out.with_name(f"{base}.{n}{out.suffix}")).exists())
+
+
+def _newest_mtime(p: Path) -> float:
+    if p.is_dir():
+        return max((q.stat().st_mtime for q in p.rglob("*") if q.is_file()), default=p.stat().st_mtime)
+    return p.stat().st_mtime
+
+
+@dataclass
+class Record:
+    input: str
+    status: str                     # converted / skipped / failed / not run
+    outputs: list[str] = field(default_factory=list)
+    layout: str | None = None
+    encoders: list[str] = field(default_factory=list)
+    sha256: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int = 0
+    reason: str = ""
+
+    def json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+def run_batch(inputs: list[Path], out_dir: Path, convert_kw: dict, options: dict, force: bool,
+              continue_on_error: bool, registry, on_record=None) -> list[Record]:
+    """Convert each input into out_dir; returns one Record per input."""
+    from .engine import convert
+    target = registry.layout(convert_kw["to"])
+    folder_layout = target.layout.output == "folder" or (convert_kw.get("with_vision") and target.layout.vision
+                                                         and target.layout.vision.output == "folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {inp: output_for(inp, out_dir, folder_layout, convert_kw.get("fmt")) for inp in inputs}
+    seen: dict[Path, Path] = {}
+    for inp, out in outputs.items():
+        if out in seen:
+            raise UsageError(f"{inp} and {seen[out]} would both write {out}", "convert them into separate folders")
+        seen[out] = inp
+        if out.resolve() == inp.resolve():
+            raise UsageError(f"{out} is the input {inp}", "choose another output folder")
+    records = []
+    stop = False
+    for inp in inputs:
+        out = outputs[inp]
+        if stop:
+            records.append(Record(str(inp), "not run", reason="an earlier input failed (--continue-on-error goes on)"))
+            continue
+        made = _existing_outputs(out, registry)
+        same = [_made_by_sdconv_with(p, options) for p in made]
+        fresh = made and all(same) and min(_newest_mtime(p) for p in made) >= _newest_mtime(inp)
+        if fresh and not force:
+            rec = Record(str(inp), "skipped", [str(p) for p in made], reason="up to date (same options, newer)")
+        elif made and any(s is None for s in same) and not force:
+            rec = Record(str(inp), "failed", error=f"{made[0]} exists and was not made by sdconv (--force replaces it)",
+                         exit_code=6)
+        else:
+            try:
+                r = convert(inp, out, force=True, options=options, registry=registry, **convert_kw)
+                rec = Record(str(inp), "converted", [str(o) for o in r.outputs], r.plan.read.layout.name,
+                             [e.identity for p in r.plans for e in p.encoders], r.source_sha256,
+                             [w for p in r.plans for e in p.encoders for w in e.warnings])
+            except SdconvError as e:
+                rec = Record(str(inp), "failed", error=str(e), exit_code=e.exit_code)
+        records.append(rec)
+        if on_record:
+            on_record(rec)
+        if rec.status == "failed" and not continue_on_error:
+            stop = True
+    return records
