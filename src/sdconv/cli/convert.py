@@ -52,12 +52,15 @@ def _params(values) -> dict:
 @click.option("--strict", is_flag=True, help="Turn warnings (e.g. drifted position_ids) into errors.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layout, architecture, every tensor) and write nothing.")
+@click.option("--into", "into", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CHECKPOINT",
+              help="Write the encoder(s) of INPUT back into CHECKPOINT (--to ldm, sgm or sd3), as a new "
+                   ".safetensors checkpoint -o: every other tensor and the metadata kept byte for byte.")
 @click.option("--continue-on-error", is_flag=True, help="Batch: go on after an input fails.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Batch: write one JSON line per input (layout, encoders, outputs, sha256, warnings, error).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
-            with_vision, force_activation, fix_position_ids, strict, force, dry_run, quiet, continue_on_error,
+            with_vision, force_activation, fix_position_ids, strict, force, dry_run, quiet, into, continue_on_error,
             report):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
@@ -83,6 +86,7 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
       sdconv convert sdxl.safetensors -o g.safetensors --to open_clip --encoder clip_g
       sdconv convert sdxl.safetensors -o clip.safetensors --to openai --encoder all
                                    (writes clip.clip_l.safetensors and clip.clip_g.safetensors)
+      sdconv convert fixed-clip.safetensors --to ldm --into merge.safetensors -o merge-fixed.safetensors
       sdconv convert models/ -o encoders/ --to openai --encoder all --continue-on-error
       sdconv convert 'models/*.ckpt' -o encoders/ --to hf --report report.jsonl
     """
@@ -98,6 +102,18 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
     if batch:
         return _batch(paths, output, kw, force, continue_on_error, report, quiet, dry_run)
     (input,) = paths
+    if into:
+        from ..converters.writeback import write_back
+        reg = kw.pop("registry")
+        for k in ("fmt", "dtype", "with_vision", "force_activation"):
+            kw.pop(k)
+        plan, records = write_back(input, into, output, force=force, registry=reg, **kw)
+        if not quiet:
+            for slot, r in records.items():
+                click.echo(f"replaced {slot} in {into} at {r['prefix']}: {r['removed']} tensors out, "
+                           f"{r['written']} in; everything else copied byte for byte")
+            click.echo(f"wrote {output}")
+        return
     if dry_run:
         for plan in make_plans(input, output=output, **kw):
             click.echo(plan.describe())

@@ -1,0 +1,82 @@
+"""Write an encoder back into a full checkpoint (`sdconv convert ENC --to ldm --into CKPT -o NEW`).
+
+Every tensor of the checkpoint that is not the replaced encoder's is copied byte for byte, its
+metadata kept as it was (sdconv adds its own keys); the new encoder is written where the old one
+was (the checkpoint's own prefix: a refiner's bigG stays at embedders.0). The output is streamed,
+so memory follows the largest tensor, not the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .containers import AtomicOutput, open_source
+from .detect import read_layout
+from .errors import LayoutError, OutputError, UsageError
+from .execute import stream
+from .hashing import sha256_of
+from .plan import infer_arch, plan_write
+from .registry import DEFAULT, Registry
+from .stream import Entry, TensorStream
+
+ARCH_KEYS = ("width", "layers", "ffn", "vocab", "context", "proj")
+
+
+def write_back(input, checkpoint, output, to: str, from_=None, encoder=None, params=None, force: bool = False,
+               registry: Registry = DEFAULT, **plan_kw):
+    from .engine import _check_output, make_plans
+    output, checkpoint = Path(output), Path(checkpoint)
+    if output.suffix != ".safetensors":
+        raise UsageError("--into writes a .safetensors checkpoint", f"name the output {output.stem}.safetensors")
+    plans = make_plans(input, to, from_, params, "safetensors", "keep", None, encoder or "all", registry=registry,
+                       **plan_kw)
+    if len(plans) != 1:
+        raise UsageError(f"{to} cannot hold these encoders together")
+    plan = plans[0]
+    _check_output(plan, output)
+    ck = open_source(checkpoint)
+    if ck.is_folder:
+        raise UsageError(f"--into {checkpoint}: a folder; write-back needs a single-file checkpoint")
+    if output.resolve() == checkpoint.resolve():
+        raise OutputError(f"{output} is the checkpoint", "write the new checkpoint beside it")
+    try:
+        present = {rp.slot.name: rp for rp in read_layout(ck, plan.target)}
+    except LayoutError as e:
+        raise LayoutError(f"--into {checkpoint}: not a {to} checkpoint ({e.message})", "check --to")
+
+    removed, streams, records = set(), [], {}
+    for e in plan.encoders:
+        old = present.get(e.slot.name)
+        if old is None:
+            raise LayoutError(f"--into {checkpoint}: it holds no {e.slot.name} encoder (it holds "
+                              f"{', '.join(present) or 'none'})", "choose --encoder, or another checkpoint")
+        old_arch = infer_arch(plan.target.family, old.shapes, old.layers)
+        new_arch = {**e.arch_out}
+        diff = [f"{k} {old_arch.get(k)} -> {new_arch.get(k)}" for k in ARCH_KEYS if old_arch.get(k) != new_arch.get(k)]
+        if diff:
+            raise UsageError(f"{e.identity} does not fit the {e.slot.name} in {checkpoint}: {'; '.join(diff)}",
+                             "write back an encoder of the same architecture")
+        # where this checkpoint keeps the slot (a refiner's bigG is at embedders.0.model.)
+        slot = dataclasses.replace(e.slot, prefix=old.prefix)
+        ops, buffers, _, _ = plan_write(plan.target, slot, e.read.shapes, e.read.layers, str(input), e.absent_last)
+        removed |= set(old.keys)
+        streams.append(stream(plan.source, e.read, ops, buffers, e.arch, "keep", None,
+                              {c: (g.source, g.op) for c, g in e.grafts.items()}))
+        records[e.slot.name] = {"from": Path(plan.source.path).name, "prefix": old.prefix,
+                                "removed": len(old.keys), "written": len(ops) + len(buffers)}
+
+    kept = [k for k in ck.keys() if k not in removed]
+    keep = TensorStream([Entry(k, ck.info(k).dtype, ck.info(k).shape) for k in kept],
+                        lambda: ((k, ck.load(k)) for k in kept))
+    meta = dict(ck.metadata())            # the checkpoint's own metadata, unchanged
+    meta.update({"sdconv.into": json.dumps({"checkpoint": checkpoint.name, "encoders": records,
+                                            "encoder_sha256": sha256_of(plan.source.files())}, sort_keys=True)})
+    new_keys = {en.key for s in streams for en in s.entries}
+    clash = [k for k in kept if k in new_keys]
+    if clash:
+        raise UsageError(f"{checkpoint} already holds {clash[0]} outside the replaced encoder")
+    with AtomicOutput(output, False, force) as tmp:
+        from .containers import save_tensors
+        save_tensors(TensorStream.concat([keep, *streams]), tmp, "safetensors", meta)
+    return plan, records
