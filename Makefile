@@ -10,11 +10,12 @@ SDCONV  = $(VENV)/bin/sdconv
 TORCH_PIN = torch==2.13.0
 DEMO   ?= demo-out
 
-.PHONY: install install-test demo test clean help
+.PHONY: install install-test demo test bench clean help
 
 help:
 	@echo "make demo   - install, make a sample SD1.x checkpoint, convert it to openai and hf"
 	@echo "make test   - install with the test oracles, run the test suite"
+	@echo "make bench  - full-scale benchmark (~20 min, ~10 GB of disk; BENCH_ARGS=--quick to try it)"
 	@echo "make clean  - remove the venv and demo output"
 
 $(VENV)/.run-installed: pyproject.toml
@@ -48,5 +49,43 @@ demo: install
 test: install-test
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q
 
+# Generates full-size synthetic SD1.5/SDXL checkpoints, times sdconv against the floor and the
+# usual ways (warm and cold page cache), writes bench/results.md and bench/results.json, deletes
+# its files. Cold runs drop the page cache, which needs root. BENCH_ARGS: e.g. --quick, --dir PATH.
+BENCH_ARGS ?=
+bench: install-test
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) bench/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(DEMO)
+
+# Batch conversion of a folder, in parallel and incremental:
+#   make -j4 convert IN=models OUT=encoders TO=openai [FROM=auto] [ENCODER=all] [FORMAT=safetensors] [ARGS=...]
+# Each checkpoint in IN (not recursive) becomes OUT/<name>... (sdconv's batch naming). A second
+# run converts only new or changed inputs; failures do not stop the others and are listed at the
+# end (exit 1). Stamps and error logs live in OUT/.sdconv-make/.
+IN      ?=
+OUT     ?=
+TO      ?= openai
+FROM    ?= auto
+ENCODER ?=
+FORMAT  ?= safetensors
+ARGS    ?=
+STAMPS   = $(OUT)/.sdconv-make
+CONVERT_INPUTS := $(if $(IN),$(sort $(wildcard $(addprefix $(IN)/*,.safetensors .ckpt .pt .pth .bin))))
+CONVERT_DONE   := $(patsubst $(IN)/%,$(STAMPS)/%.done,$(CONVERT_INPUTS))
+
+.PHONY: convert
+convert: $(CONVERT_DONE)
+	@if [ -z "$(IN)" ] || [ -z "$(OUT)" ]; then echo "usage: make convert IN=dir OUT=dir TO=layout [ENCODER=all] ..."; exit 2; fi
+	@failed="$$(ls $(STAMPS)/*.failed 2>/dev/null)"; \
+	 echo "make convert: $(words $(CONVERT_INPUTS)) inputs; $$(ls $(STAMPS)/*.done 2>/dev/null | wc -l) done, $$(echo "$$failed" | grep -c . ) failed"; \
+	 if [ -n "$$failed" ]; then for f in $$failed; do echo "  $$(cat $$f)"; done; exit 1; fi
+
+$(STAMPS)/%.done: $(IN)/% | $(VENV)/.run-installed
+	@mkdir -p $(STAMPS); rm -f $(STAMPS)/$*.failed
+	@if $(SDCONV) convert "$<" -o "$(OUT)/" --to $(TO) --from $(FROM) $(if $(ENCODER),--encoder $(ENCODER)) \
+	      --format $(FORMAT) -q $(ARGS) 2> $(STAMPS)/$*.err; then \
+	   touch $@; rm -f $(STAMPS)/$*.err; echo "converted $<"; \
+	 else grep -v '^summary' $(STAMPS)/$*.err | tail -n 1 > $(STAMPS)/$*.failed; rm -f $(STAMPS)/$*.err $@; \
+	   echo "FAILED $<"; fi
