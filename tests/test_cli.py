@@ -307,3 +307,18 @@ def test_source_hash_is_right_cached_and_refreshed(tmp_path, monkeypatch):
     os.utime(src, ns=(1, 1))                                                             # "changed"
     assert run("convert", src, "-o", tmp_path / "c.safetensors", "--to", "open_clip")[0] == 0
     assert len(calls) == 1 and meta_sha(tmp_path / "c.safetensors") == "f" * 64
+
+
+def test_help_and_layouts_do_not_import_torch():
+    for args in (["--help"], ["convert", "--help"], ["layouts"], ["layouts", "show", "ldm"]):
+        code = f"""
+import sys
+from sdconv.cli import main
+try:
+    main({args!r})
+except SystemExit as e:
+    assert not e.code, e.code
+assert 'torch' not in sys.modules, 'torch was imported'
+"""
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0, (args, r.stderr[-1500:])
