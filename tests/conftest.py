@@ -5,7 +5,9 @@ the torchvision 0.28.0 wheel links CUDA libraries, so beside the CPU torch its c
 are skipped and `torchvision._meta_registrations` raises "operator torchvision::nms does not
 exist". Only the text side is used here, which needs none of those ops.
 """
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -16,5 +18,6 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY
 
 # sdconv caches source hashes under $XDG_CACHE_HOME: keep the tests' cache out of $HOME
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sdconv-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (consumers.py, fixtures.py)

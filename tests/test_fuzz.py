@@ -1,8 +1,10 @@
 """Fuzzing: whatever bytes or text come in, the mapping loader, the safetensors header reader
 and the pickle readers either load or raise one of sdconv's documented errors - never another
 exception, a hang or a crash. Thousands of examples per target, a few seconds each."""
+import atexit
 import io
 import json
+import shutil
 import pickle
 import struct
 import tempfile
@@ -22,6 +24,7 @@ FAST = settings(max_examples=2000, deadline=None, suppress_health_check=list(Hea
 # structured generators are slower: fewer examples each, still thousands per target
 SLOW = settings(FAST, max_examples=1000)
 TMP = Path(tempfile.mkdtemp(prefix="sdconv-fuzz-"))
+atexit.register(shutil.rmtree, TMP, True)
 
 
 def _file(name: str, data: bytes) -> Path:
