@@ -10,6 +10,21 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 
+def _finite(t) -> bool:
+    """No NaN or Inf in a float tensor. aminmax propagates NaN and shows Inf, and is ~40x faster
+    than isfinite(t).all() (it makes no boolean copy)."""
+    import math
+
+    import torch
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(t)
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
+    except RuntimeError:            # dtypes without aminmax (float8)
+        return bool(torch.isfinite(t.float()).all())
+
+
 def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
            progress=None, grafts: dict | None = None, check_finite: bool = True) -> TensorStream:
     """The target tensors of one encoder, made one write op at a time (a layer's worth of
@@ -41,7 +56,7 @@ def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], ar
             written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])
             for key, t in zip(op.keys, written):
                 # checked as it is made, before its bytes reach the (temporary) output
-                if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if check_finite and not _finite(t):
                     src, rop = grafts.get(op.canonical[0]) or (source, rp.op_for(op.canonical[0]))
                     raise InputError(f"{src.path}: {', '.join(rop.keys)} holds NaN or Inf values (for {key})",
                                      "the checkpoint is damaged (a failed merge or training run); nothing was written")
