@@ -40,7 +40,8 @@ def _write_cache(key: str, digest: str):
     try:
         f = _cache_file()
         f.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_cache()
+        # entries of files that are gone are dropped, so the cache does not grow without end
+        data = {k: v for k, v in _read_cache().items() if all(os.path.exists(ln.split("|")[0]) for ln in k.split("\n"))}
         data[key] = digest
         tmp = f.with_name(f".{f.name}.{os.getpid()}")
         tmp.write_text(json.dumps(data))
