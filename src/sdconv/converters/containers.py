@@ -396,13 +396,6 @@ def format_for(output: Path, fmt: str | None) -> str:
     return "pt" if Path(output).suffix in PICKLE_EXT else "safetensors"
 
 
-def dominant_dtype(tensors: dict):
-    """The float dtype most of the tensors have (what a config.json's torch_dtype states)."""
-    from collections import Counter
-    counts = Counter(t.dtype for t in tensors.values() if t.is_floating_point())
-    return counts.most_common(1)[0][0] if counts else None
-
-
 def _raw_bytes(t):
     """A contiguous CPU tensor's bytes as a zero-copy buffer (no numpy needed)."""
     import ctypes
