@@ -94,6 +94,7 @@ class Plan:
     output: Path | None = None
     verdicts: list[Verdict] | None = None       # detection results (None with --from)
     vision: "VisionPlan | None" = None          # --with-vision: the rest of a whole CLIP
+    options: dict | None = None                 # the options a batch run records, to skip up-to-date outputs
 
     @property
     def writes_folder(self) -> bool:
@@ -613,7 +614,7 @@ def _metadata(plan: Plan, sha: str) -> dict:
         "sdconv.notes": json.dumps(plan.notes),
         "sdconv.ledger": json.dumps(_ledger(plan), sort_keys=True),
     }
-    if getattr(plan, "options", None) is not None:     # what batch runs compare to skip up-to-date outputs
+    if plan.options is not None:
         meta["sdconv.options"] = json.dumps(plan.options, sort_keys=True)
     if len(plan.encoders) == 1:
         e = plan.encoders[0]
@@ -650,6 +651,8 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
     output = Path(output)
     plans = make_plans(input, to, from_, params, fmt, dtype, output, encoder, projection, replace_projection,
                        allow_synthetic, with_vision, force_activation, fix_position_ids, strict, registry)
+    for p in plans:
+        p.options = options
     folder = plans[0].writes_folder
     for p in plans:
         _check_output(p, p.output)
@@ -663,7 +666,6 @@ def convert(input, output, to: str, from_: str | None = None, params=None, fmt: 
         progress.reset(total=sum(p.bytes_to_write for p in plans))
     files = []
     for p, guard in zip(plans, guards):
-        p.options = options
         try:
             files += _write_plan(p, guard, sha, folder, progress)
         except OSError as e:       # disk full, folder gone or read-only: the temporary is removed
