@@ -1,8 +1,9 @@
 """Containers: how tensors are stored. Each source gives a lazy view `key -> (shape, dtype)`
 and loads a tensor's bytes only when asked; writers are atomic.
 
-- .safetensors: the header is parsed here (no torch needed); each tensor is read with pread
-  when asked, so nothing stays mapped and memory is freed with the tensor.
+- .safetensors: the header is parsed here (no torch needed); tensors are read-only views of a
+  memory map of the file (no copy; the pages are dropped from the process every so often, so
+  memory does not grow with what was read).
 - .ckpt/.pt/.pth/.bin: torch zip pickles through `torch.load(weights_only=True, mmap=True)`,
   so tensors stay on disk until read; `{"state_dict": ...}` nesting is unwrapped.
 - folders: every weight file at the root and one level down (diffusers components), keys of a
@@ -10,11 +11,15 @@ and loads a tensor's bytes only when asked; writers are atomic.
 """
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import shutil
 import struct
 import tempfile
+import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,10 @@ from .errors import InputError, OutputError, UnsafeInputError
 from .hashing import LateValue, sha256_of  # noqa: F401  (sha256_of: re-exported)
 
 SAFETENSORS_EXT = (".safetensors",)
+# bytes of tensors handed out by a safetensors source between two drops of its mapped pages
+TRIM_BYTES = 64 << 20
+# safetensors sources whose file is mapped: a tensor written unchanged is copied file to file
+_MAPPED: "weakref.WeakSet[SafetensorsSource]" = weakref.WeakSet()
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 # bytes per element for safetensors dtype codes
 DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -149,6 +158,7 @@ class SafetensorsSource(Source):
                              "the file is damaged or is not a checkpoint")
         self._data_start = 8 + n
         self._fd = None
+        self._map, self._view, self._base, self._handed_out = None, None, 0, 0
         _check_extents(path, self._offsets, size - self._data_start)
 
     def keys(self):
@@ -158,34 +168,65 @@ class SafetensorsSource(Source):
         return self._info[key]
 
     def load(self, key):
-        """Read the tensor's bytes with a plain read (no mapping left behind: memory is freed
-        with the tensor) and view them as a tensor."""
+        """A view of the tensor's bytes in a read-only memory map of the file: no copy, and the
+        input cannot be written through it. Every TRIM_BYTES handed out, the map's pages are
+        dropped from the process (MADV_DONTNEED): tensors still in use read them back from the
+        page cache when touched, so memory follows the layer being worked on, not the file."""
         import torch
         info = self._info[key]
         dt = getattr(torch, _TORCH_DTYPES[info.dtype])
         start, end = self._offsets[key]
         if end == start:
             return torch.empty(info.shape, dtype=dt)
-        data = bytearray(end - start)           # read straight into the tensor's memory: one copy
+        view = self._mapped()[self._data_start + start:self._data_start + end]
+        self._handed_out += end - start
+        if self._handed_out > TRIM_BYTES:
+            self._trim()
+        if (self._data_start + start) % DTYPE_SIZE[info.dtype]:    # misaligned for its dtype: copy
+            return torch.frombuffer(bytearray(view), dtype=dt).reshape(info.shape)
+        with warnings.catch_warnings():     # torch warns that it cannot write to a read-only buffer: we never do
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(view, dtype=dt).reshape(info.shape)
+
+    def _mapped(self) -> memoryview:
+        if self._map is None:
+            import torch
+            self._map = mmap.mmap(self._descriptor(), 0, access=mmap.ACCESS_READ)
+            self._view = memoryview(self._map)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._base = torch.frombuffer(self._view[:1], dtype=torch.uint8).data_ptr()
+            _MAPPED.add(self)
+        return self._view
+
+    def _descriptor(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        if os.preadv(self._fd, [data], self._data_start + start) != end - start:
-            raise InputError(f"{self.path}: {key} runs past the end of the file", "the file is truncated")
-        return torch.frombuffer(data, dtype=dt).reshape(info.shape)
+        return self._fd
+
+    def region(self, address: int, nbytes: int) -> tuple[int, int] | None:
+        """(file descriptor, offset) of bytes at `address` if they lie in this file's map."""
+        if self._map is not None and self._base <= address and address + nbytes <= self._base + len(self._map):
+            return self._fd, address - self._base
+        return None
+
+    def _trim(self):
+        self._handed_out = 0
+        if hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def metadata(self, folder: str = ""):
         return dict(self._meta)
 
     def __del__(self):
+        # the map stays valid while tensors use it; the descriptor is not needed for that
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
 
     def raw(self, key):
         """Straight from the file: no torch needed."""
         start, end = self._offsets[key]
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        data = os.pread(self._fd, end - start, self._data_start + start)
+        data = os.pread(self._descriptor(), end - start, self._data_start + start)
         if len(data) != end - start:
             raise InputError(f"{self.path}: {key} runs past the end of the file", "the file is truncated")
         return data
@@ -403,6 +444,40 @@ def _raw_bytes(t):
     return (ctypes.c_char * n).from_address(t.data_ptr()) if n else b""
 
 
+_COPY_FILE_RANGE = {"works": hasattr(os, "copy_file_range")}
+
+
+def _copy_from_input(f, t) -> bool:
+    """Write t by copying its bytes file to file in the kernel, if t is an unchanged region of a
+    mapped input (most tensors are only renamed; split q/k/v are such regions too). The bytes
+    then never pass through this process, which halves the cost of writing. False: write t's
+    memory instead (t made here, or a system without copy_file_range)."""
+    n = t.numel() * t.element_size()
+    if not n or not _COPY_FILE_RANGE["works"]:
+        return False
+    found = next(((source, r) for source in list(_MAPPED) if (r := source.region(t.data_ptr(), n))), None)
+    if found is None:
+        return False
+    source, (fd, src) = found
+    f.flush()
+    start = dst = f.tell()
+    try:
+        while dst < start + n:
+            copied = os.copy_file_range(fd, f.fileno(), start + n - dst, src, dst)
+            if copied == 0:
+                raise InputError(f"{source.path}: the file shrank while it was being read",
+                                 "do not change a checkpoint while it is converted")
+            src, dst = src + copied, dst + copied
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+            raise
+        _COPY_FILE_RANGE["works"] = False     # e.g. across file systems on old kernels: plain writes
+        f.seek(start)
+        return False
+    f.seek(dst)
+    return True
+
+
 def write_safetensors(tensors, path: Path, metadata: dict | None = None):
     """Write the safetensors format directly: an 8-byte little-endian header length, a JSON
     header (tensor offsets, `__metadata__`), then each tensor's bytes. `tensors` is a dict or a
@@ -432,7 +507,9 @@ def write_safetensors(tensors, path: Path, metadata: dict | None = None):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, t in stream:
-            f.write(_raw_bytes(t.contiguous()))
+            t = t.contiguous()
+            if not _copy_from_input(f, t):
+                f.write(_raw_bytes(t))
         if late:                            # values computed meanwhile (the source's sha256)
             for k, v in late.items():
                 header["__metadata__"][k] = v.result()

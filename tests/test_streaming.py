@@ -1,0 +1,165 @@
+"""How tensors move: safetensors inputs are read through a read-only memory map whose pages are
+dropped as the conversion goes, and tensors written unchanged are copied file to file by the
+kernel (copy_file_range), with plain writes as the fallback. Each path gives the same bytes."""
+import errno
+import os
+import subprocess
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fixtures import distinct_canonical, read_all, write_layout
+from sdconv.cli import main
+from sdconv.converters import containers
+from sdconv.converters.containers import SafetensorsSource, write_safetensors
+from sdconv.converters.engine import convert
+
+
+@pytest.fixture()
+def sd1(tmp_path):
+    return write_layout(distinct_canonical(vocab=1000, layers=3), tmp_path / "sd1.safetensors", "ldm")
+
+
+def _count_copies(monkeypatch):
+    """Wrap os.copy_file_range; returns the list of byte counts it copied."""
+    copied, real = [], os.copy_file_range
+
+    def counting(*a, **k):
+        n = real(*a, **k)
+        copied.append(n)
+        return n
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    return copied
+
+
+def test_unchanged_tensors_are_copied_file_to_file(sd1, tmp_path, monkeypatch):
+    """ldm -> hf only renames: every tensor from the input goes through copy_file_range."""
+    copied = _count_copies(monkeypatch)
+    out = tmp_path / "hf"
+    convert(sd1, out, to="hf")
+    src = SafetensorsSource(sd1)
+    from_input = sum(src.info(k).nbytes for k in src.keys() if not k.endswith("position_ids"))
+    assert sum(copied) >= from_input > 0
+    assert read_all(_weights(out)).keys() <= {k.replace("cond_stage_model.transformer.", "") for k in src.keys()}
+
+
+@pytest.mark.parametrize("to", ["hf", "openai", "open_clip", "sgm"])
+def test_same_bytes_with_and_without_copy_file_range(sd1, tmp_path, monkeypatch, to):
+    """The kernel copy and the plain write give byte-identical outputs (openai fuses q/k/v: those
+    tensors are new and take the write path, the rest are copied)."""
+    a = tmp_path / "a.safetensors"
+    convert(sd1, a, to=to)
+    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", False)
+    b = tmp_path / "b.safetensors"
+    convert(sd1, b, to=to)
+    assert _payload(a) == _payload(b)
+
+
+def _weights(p):
+    return p / "model.safetensors" if p.is_dir() else p
+
+
+def _payload(p):
+    """The weights file less its __metadata__ (it names the output file)."""
+    import json
+    import struct
+    raw = _weights(p).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return header, raw[8 + n:]
+
+
+def test_falls_back_to_plain_writes_where_the_kernel_cannot_copy(sd1, tmp_path, monkeypatch):
+    """EXDEV (two file systems, old kernels) and friends: the tensor is written from memory instead,
+    and later tensors do not try again."""
+    ref = tmp_path / "ref"
+    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", False)
+    convert(sd1, ref, to="hf")
+    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", True)
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(a)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    out = tmp_path / "out"
+    convert(sd1, out, to="hf")
+    assert len(calls) == 1 and containers._COPY_FILE_RANGE["works"] is False
+    assert _payload(out) == _payload(ref)
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copy_file_range", "write"])
+def test_full_disk_is_exit_6_and_leaves_nothing(sd1, tmp_path, monkeypatch, copy):
+    """A tiny tmpfs as the output folder (or, without mount rights, the copy/write failing with
+    ENOSPC): a one-line error, exit 6, no output, no temporary."""
+    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", copy)
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "copy_file_range", full)
+        monkeypatch.setattr(containers, "_raw_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    try:
+        r = CliRunner().invoke(main, ["convert", str(sd1), "-o", str(small / "o.safetensors"), "--to", "hf"])
+        assert r.exit_code == 6, r.output
+        assert "writing failed" in r.output and "No space left" in r.output and len(r.output.strip().splitlines()) == 1
+        assert os.listdir(small) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(small)])
+
+
+def _rss_file_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "negative-control"])
+def test_mapped_pages_are_dropped_as_tensors_are_read(tmp_path, monkeypatch, trim):
+    """Reading 128 MiB of tensors through the map leaves only about TRIM_BYTES of it resident;
+    with trimming off, all of it stays (the control shows the measure can see it)."""
+    p = tmp_path / "big.safetensors"
+    write_safetensors({f"t{i}": torch.full((1 << 20,), float(i)) for i in range(32)}, p)   # 32 x 4 MiB
+    monkeypatch.setattr(containers, "TRIM_BYTES", (8 << 20) if trim else (1 << 62))
+    src = SafetensorsSource(p)
+    before = _rss_file_kib()
+    total = 0.0
+    for k in src.keys():
+        t = src.load(k)
+        total += float(t.sum())         # touches every page
+    grew_mib = (_rss_file_kib() - before) / 1024
+    assert total == sum(float(i) * (1 << 20) for i in range(32))
+    if trim:
+        assert grew_mib < 32, grew_mib
+    else:
+        assert grew_mib > 100, grew_mib
+
+
+def test_loaded_tensors_are_views_of_the_file_and_match_the_library(tmp_path):
+    """Values equal safetensors' own loader, including a tensor whose offset is not aligned to its
+    dtype (copied rather than viewed), and empty tensors."""
+    from safetensors.torch import load_file
+    p = tmp_path / "odd.safetensors"
+    ts = {"d": torch.arange(4), "a": torch.randn(3).half(), "b": torch.randn(5), "c": torch.zeros(0, 2)}
+    write_safetensors(ts, p)          # b starts at byte 38: not aligned for float32
+    src = SafetensorsSource(p)
+    ref = load_file(str(p))
+    for k in ts:
+        got = src.load(k)
+        assert got.dtype == ref[k].dtype and torch.equal(got, ref[k]), k
+    assert src.region(src.load("d").data_ptr(), 32) is not None      # a view into the map
+    assert src.region(src.load("b").data_ptr(), 20) is None           # the misaligned one is a copy
+
+
+def test_input_file_is_never_modified_through_the_map(sd1, tmp_path):
+    before = sd1.read_bytes()
+    convert(sd1, tmp_path / "o.safetensors", to="openai", dtype="fp16")
+    convert(sd1, tmp_path / "h", to="hf")
+    assert sd1.read_bytes() == before
