@@ -163,3 +163,38 @@ def test_input_file_is_never_modified_through_the_map(sd1, tmp_path):
     convert(sd1, tmp_path / "o.safetensors", to="openai", dtype="fp16")
     convert(sd1, tmp_path / "h", to="hf")
     assert sd1.read_bytes() == before
+
+
+def test_torch_zip_checkpoints_are_copied_file_to_file_too(tmp_path, monkeypatch):
+    """torch.load(mmap=True) maps a zip checkpoint whole; its tensors are found in that map (from
+    /proc/self/maps) and copied file to file, with the same result as plain writes."""
+    ckpt = write_layout(distinct_canonical(vocab=1000, layers=3), tmp_path / "sd1.ckpt", "ldm", fmt="pt")
+    assert containers.PickleSource(ckpt).region(0, 1) is None          # an address outside the map
+    src = containers.PickleSource(ckpt)
+    some = src.load(src.keys()[0])
+    fd, offset = src.region(some.data_ptr(), some.numel() * some.element_size())
+    assert os.pread(fd, 16, offset) == bytes(containers._raw_bytes(some.contiguous()))[:16]
+    copied = _count_copies(monkeypatch)
+    a = tmp_path / "a.safetensors"
+    convert(ckpt, a, to="sgm")
+    assert sum(copied) > 0.9 * sum(src.info(k).nbytes for k in src.keys())
+    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", False)
+    b = tmp_path / "b.safetensors"
+    convert(ckpt, b, to="sgm")
+    assert _payload(a) == _payload(b)
+
+
+def test_legacy_pickles_are_not_mapped_and_take_plain_writes(tmp_path, monkeypatch):
+    """Pre-zip torch files cannot be mapped: no region, plain writes, correct output."""
+    canon = distinct_canonical(vocab=1000, layers=2)
+    sd = read_all(write_layout(canon, tmp_path / "z.safetensors", "ldm"))
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    src = containers.PickleSource(legacy)
+    t = src.load(src.keys()[0])
+    assert src.region(t.data_ptr(), 4) is None
+    copied = _count_copies(monkeypatch)
+    convert(legacy, tmp_path / "o.safetensors", to="sgm")
+    assert copied == []
+    convert(tmp_path / "z.safetensors", tmp_path / "ref.safetensors", to="sgm")
+    assert _payload(tmp_path / "o.safetensors") == _payload(tmp_path / "ref.safetensors")

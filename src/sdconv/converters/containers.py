@@ -6,6 +6,8 @@ and loads a tensor's bytes only when asked; writers are atomic.
   memory does not grow with what was read).
 - .ckpt/.pt/.pth/.bin: torch zip pickles through `torch.load(weights_only=True, mmap=True)`,
   so tensors stay on disk until read; `{"state_dict": ...}` nesting is unwrapped.
+- writing: a tensor that is an unchanged region of a mapped input (`Source.region`) is copied
+  file to file by the kernel; any other is written from memory.
 - folders: every weight file at the root and one level down (diffusers components), keys of a
   sub-folder prefixed with `<sub>/`; JSON files (config.json) are readable too.
 """
@@ -30,8 +32,8 @@ from .hashing import LateValue, sha256_of  # noqa: F401  (sha256_of: re-exported
 SAFETENSORS_EXT = (".safetensors",)
 # bytes of tensors handed out by a safetensors source between two drops of its mapped pages
 TRIM_BYTES = 64 << 20
-# safetensors sources whose file is mapped: a tensor written unchanged is copied file to file
-_MAPPED: "weakref.WeakSet[SafetensorsSource]" = weakref.WeakSet()
+# sources whose file is mapped whole: a tensor written unchanged is copied file to file
+_MAPPED: "weakref.WeakSet[Source]" = weakref.WeakSet()
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 # bytes per element for safetensors dtype codes
 DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -95,6 +97,11 @@ class Source:
 
     def files(self) -> list[Path]:
         return [self.path]
+
+    def region(self, address: int, nbytes: int) -> tuple[int, int] | None:
+        """(file descriptor, offset) of `nbytes` at `address` if they are this source's file,
+        mapped unchanged (then a writer can copy them file to file); None otherwise."""
+        return None
 
 
 def _header_entry(key, v) -> tuple:
@@ -256,6 +263,7 @@ class PickleSource(Source):
 
         import torch
         self.path = path
+        self._fd, self._span = None, None       # torch's map of the whole file (zip files)
         from .torchscript import is_torchscript, read_torchscript
         if is_torchscript(path):
             # OpenAI's .pt releases: read by a restricted unpickler, never torch.jit.load (no code runs)
@@ -295,6 +303,11 @@ class PickleSource(Source):
             raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
         self._t = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         self._info = {k: TensorInfo(tuple(v.shape), torch_dtype_code(v.dtype)) for k, v in self._t.items()}
+        if kwargs["mmap"]:
+            self._span = _whole_file_map(path, self._t.values())
+            if self._span is not None:
+                self._fd = os.open(path, os.O_RDONLY)
+                _MAPPED.add(self)
 
     def keys(self):
         return list(self._info)
@@ -304,6 +317,38 @@ class PickleSource(Source):
 
     def load(self, key):
         return self._t[key]
+
+    def region(self, address, nbytes):
+        if self._span is not None and self._span[0] <= address and address + nbytes <= self._span[1]:
+            return self._fd, address - self._span[0]
+        return None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def _whole_file_map(path: Path, tensors) -> tuple[int, int] | None:
+    """(start, end) of the map of the whole file that torch.load(mmap=True) made, if every tensor
+    lies in it (each storage is the slice of that map at its zip record's offset, so a tensor's
+    file offset is its address minus the start). From /proc/self/maps: Linux only, else None."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    spans = []
+    for line in lines:     # start-end perms offset dev inode path
+        parts = line.split(None, 5)
+        if len(parts) == 6 and int(parts[4]) == st.st_ino and int(parts[2], 16) == 0:
+            major, minor = (int(x, 16) for x in parts[3].split(":"))
+            if os.makedev(major, minor) == st.st_dev:
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                if end - start >= st.st_size:
+                    spans.append((start, start + st.st_size))
+    ptrs = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t.numel()]
+    inside = [s for s in spans if all(s[0] <= p and p + n <= s[1] for p, n in ptrs)]
+    return inside[0] if len(inside) == 1 and ptrs else None
 
 
 class ShardedSource(Source):
