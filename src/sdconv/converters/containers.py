@@ -76,6 +76,8 @@ class Source:
     path: Path
     is_folder = False
     container = "?"
+    _fd: int | None = None                    # the file, opened for reads
+    _span: tuple[int, int] | None = None      # addresses of a map of the whole file, if any
 
     def keys(self) -> list[str]: ...
     def info(self, key: str) -> TensorInfo: ...
@@ -99,9 +101,17 @@ class Source:
         return [self.path]
 
     def region(self, address: int, nbytes: int) -> tuple[int, int] | None:
-        """(file descriptor, offset) of `nbytes` at `address` if they are this source's file,
-        mapped unchanged (then a writer can copy them file to file); None otherwise."""
+        """(file descriptor, offset) of `nbytes` at `address` if they lie in this source's map of
+        its file, which tensors are never written through (so a writer can copy them file to
+        file); None otherwise."""
+        if self._span is not None and self._span[0] <= address and address + nbytes <= self._span[1]:
+            return self._fd, address - self._span[0]
         return None
+
+    def __del__(self):
+        # a map stays valid while tensors use it; the descriptor is not needed for that
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 def _header_entry(key, v) -> tuple:
@@ -164,8 +174,7 @@ class SafetensorsSource(Source):
             raise InputError(f"{path}: not a safetensors file (invalid header: {e})",
                              "the file is damaged or is not a checkpoint")
         self._data_start = 8 + n
-        self._fd = None
-        self._map, self._view, self._base, self._handed_out = None, None, 0, 0
+        self._map, self._view, self._handed_out = None, None, 0
         _check_extents(path, self._offsets, size - self._data_start)
 
     def keys(self):
@@ -202,7 +211,8 @@ class SafetensorsSource(Source):
             self._view = memoryview(self._map)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                self._base = torch.frombuffer(self._view[:1], dtype=torch.uint8).data_ptr()
+                start = torch.frombuffer(self._view[:1], dtype=torch.uint8).data_ptr()
+            self._span = (start, start + len(self._map))
             _MAPPED.add(self)
         return self._view
 
@@ -211,12 +221,6 @@ class SafetensorsSource(Source):
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def region(self, address: int, nbytes: int) -> tuple[int, int] | None:
-        """(file descriptor, offset) of bytes at `address` if they lie in this file's map."""
-        if self._map is not None and self._base <= address and address + nbytes <= self._base + len(self._map):
-            return self._fd, address - self._base
-        return None
-
     def _trim(self):
         self._handed_out = 0
         if hasattr(self._map, "madvise"):
@@ -224,11 +228,6 @@ class SafetensorsSource(Source):
 
     def metadata(self, folder: str = ""):
         return dict(self._meta)
-
-    def __del__(self):
-        # the map stays valid while tensors use it; the descriptor is not needed for that
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
 
     def raw(self, key):
         """Straight from the file: no torch needed."""
@@ -263,7 +262,6 @@ class PickleSource(Source):
 
         import torch
         self.path = path
-        self._fd, self._span = None, None       # torch's map of the whole file (zip files)
         from .torchscript import is_torchscript, read_torchscript
         if is_torchscript(path):
             # OpenAI's .pt releases: read by a restricted unpickler, never torch.jit.load (no code runs)
@@ -303,10 +301,10 @@ class PickleSource(Source):
             raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
         self._t = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         self._info = {k: TensorInfo(tuple(v.shape), torch_dtype_code(v.dtype)) for k, v in self._t.items()}
-        if kwargs["mmap"]:
-            self._span = _whole_file_map(path, self._t.values())
-            if self._span is not None:
-                self._fd = os.open(path, os.O_RDONLY)
+        if kwargs["mmap"]:      # torch's map of the whole file
+            span = _whole_file_map(path, self._t.values())
+            if span is not None:
+                self._fd, self._span = os.open(path, os.O_RDONLY), span
                 _MAPPED.add(self)
 
     def keys(self):
@@ -317,15 +315,6 @@ class PickleSource(Source):
 
     def load(self, key):
         return self._t[key]
-
-    def region(self, address, nbytes):
-        if self._span is not None and self._span[0] <= address and address + nbytes <= self._span[1]:
-            return self._fd, address - self._span[0]
-        return None
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
 
 
 def _whole_file_map(path: Path, tensors) -> tuple[int, int] | None:
