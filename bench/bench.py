@@ -207,39 +207,16 @@ def generate_safetensors(kind: str, path: str):
 
 
 def generate_ckpt(kind: str, path: str):
-    """fp32 zip .ckpt with Lightning-style extras. The fake pytorch_lightning module and the numpy 1
-    spelling are registered in this (generator) process only, so that pickle writes them by name."""
-    import types
-    import numpy as np
+    """fp32 zip .ckpt with Lightning-style extras (tests/lightning_ckpt.py: fake pytorch_lightning
+    and numpy 1 modules, registered in this generator process only)."""
     import torch
-    for m in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"):
-        sys.modules[m] = types.ModuleType(m)
-
-    class ModelCheckpoint:
-        def __init__(self):
-            self.best_model_path, self.monitor, self.save_top_k = "last.ckpt", "val/loss_simple_ema", -1
-    ModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
-    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
-    sys.modules["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = ModelCheckpoint
-    np1 = types.ModuleType("numpy.core.multiarray")      # numpy 1's spelling of the scalar rebuilder
-
-    def scalar(dtype, data):
-        raise AssertionError("never called while saving")
-    scalar.__module__, scalar.__qualname__ = "numpy.core.multiarray", "scalar"
-    np1.scalar = scalar
-    sys.modules["numpy.core.multiarray"] = np1
-
-    class Np1Scalar:
-        def __reduce__(self):
-            return (scalar, (np.dtype("int64"), struct.pack("<q", 840000)))
-
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from lightning_ckpt import save_lightning_ckpt
     items = spec(kind)
     fill = Filler(torch, torch.float32)
     sd = {key: fill.tensor(shape, role) for key, shape, role in items}
     del fill
-    torch.save({"state_dict": sd, "global_step": 840000, "epoch": np.int64(6), "step_np1": Np1Scalar(),
-                "best_model_score": np.float64(0.1234),
-                "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}, path)
+    save_lightning_ckpt(sd, path)
     return {"tensors": len(items), "params": sum(math.prod(s) for _, s, _ in items), "bytes": os.path.getsize(path)}
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,31 +20,12 @@ def sd1_tensors(tmp_path_factory):
     return read_all(write_multi(d / "sd1.safetensors", "ldm", {"clip_l": distinct_canonical(vocab=1000)}))
 
 
-MAKE_LIGHTNING = '''
-import sys, types, struct, torch, numpy as np
-# fake pytorch_lightning, registered only in this process, so its classes pickle by name
-for m in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"):
-    sys.modules[m] = types.ModuleType(m)
-class ModelCheckpoint:
-    def __init__(self):
-        self.best_model_path, self.monitor = "last.ckpt", "val/loss"
-ModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
-sys.modules["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = ModelCheckpoint
-# numpy 1's spelling of the scalar rebuilder (numpy 2 writes numpy._core...)
-np1 = types.ModuleType("numpy.core.multiarray")
-def scalar(dtype, data):
-    raise AssertionError("never called while saving")
-scalar.__module__, scalar.__qualname__ = "numpy.core.multiarray", "scalar"
-np1.scalar = scalar
-sys.modules["numpy.core.multiarray"] = np1
-class Np1Scalar:
-    def __reduce__(self):
-        return (scalar, (np.dtype("int64"), struct.pack("<q", 470000)))
-sd = torch.load(sys.argv[1])
-torch.save({"state_dict": sd, "global_step": Np1Scalar(), "epoch": np.int64(6),
-            "best": np.float64(0.25), "callbacks": {"ModelCheckpoint": ModelCheckpoint()}},
-           sys.argv[2], _use_new_zipfile_serialization=sys.argv[3] == "zip")
-'''
+MAKE_LIGHTNING = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from lightning_ckpt import save_lightning_ckpt
+save_lightning_ckpt(torch.load(sys.argv[1]), sys.argv[2], zip_format=sys.argv[3] == "zip")
+"""
 
 
 def _make_lightning(tmp_path, sd1_tensors, fmt):
