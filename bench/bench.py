@@ -28,7 +28,9 @@ What it does, in one run:
    is not being written back during the next. Variants are interleaved within each repetition.
    Each run records the CPU other processes used during it (`foreign_cores`); before each run
    the bench waits briefly (3 s at most, 45 s in all) for a busy machine to quieten.
-   - sdconv (the current code of the editable install: .venv/bin/sdconv),
+   - sdconv (the current code of the editable install: .venv/bin/sdconv; its bytecode is compiled
+     first, as installing a wheel does, so that no run pays for compiling it, even where
+     PYTHONDONTWRITEBYTECODE is set),
    - the floor: read only the encoder's tensors and save them (variants.py floor),
    - the usual ways: torch.load of the whole file, safetensors load_file of the whole file,
      diffusers' single-file text-encoder conversion (variants.py),
@@ -648,6 +650,7 @@ def main():
     runner = Runner(work, env, log)
     try:
         write_clip_configs(work / "configs")
+        subprocess.run([PY, "-m", "compileall", "-q", str(REPO / "src" / "sdconv")], check=True)
         warm_libs = [PY, "-c", "import sys, types; sys.modules['torchvision._meta_registrations'] = types.ModuleType('x');"
                                "import torch, safetensors, numpy, transformers, sdconv.cli;"
                                "import diffusers.loaders.single_file_utils"]

@@ -8,6 +8,7 @@ by sdconv is replaced; anything else already there is refused without force.
 """
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import os
@@ -116,10 +117,20 @@ class Record:
         return json.dumps(self.__dict__, sort_keys=True)
 
 
+def _convert_one(inp: Path, out: Path, convert_kw: dict, options: dict, registry) -> Record:
+    from .engine import convert
+    try:
+        r = convert(inp, out, force=True, options=options, registry=registry, **convert_kw)
+    except SdconvError as e:
+        return Record(str(inp), "failed", error=str(e), exit_code=e.exit_code)
+    return Record(str(inp), "converted", [str(o) for o in r.outputs], r.plan.read.layout.name,
+                  [e.identity for p in r.plans for e in p.encoders], r.source_sha256,
+                  [w for p in r.plans for e in p.encoders for w in e.warnings])
+
+
 def run_batch(inputs: list[Path], out_dir: Path, convert_kw: dict, options: dict, force: bool,
               continue_on_error: bool, registry, on_record=None) -> list[Record]:
     """Convert each input into out_dir; returns one Record per input."""
-    from .engine import convert
     target = registry.layout(convert_kw["to"])
     folder_layout = target.layout.output == "folder" or (convert_kw.get("with_vision") and target.layout.vision
                                                          and target.layout.vision.output == "folder")
@@ -148,13 +159,10 @@ def run_batch(inputs: list[Path], out_dir: Path, convert_kw: dict, options: dict
             rec = Record(str(inp), "failed", error=f"{made[0]} exists and was not made by sdconv (--force replaces it)",
                          exit_code=6)
         else:
-            try:
-                r = convert(inp, out, force=True, options=options, registry=registry, **convert_kw)
-                rec = Record(str(inp), "converted", [str(o) for o in r.outputs], r.plan.read.layout.name,
-                             [e.identity for p in r.plans for e in p.encoders], r.source_sha256,
-                             [w for p in r.plans for e in p.encoders for w in e.warnings])
-            except SdconvError as e:
-                rec = Record(str(inp), "failed", error=str(e), exit_code=e.exit_code)
+            rec = _convert_one(inp, out, convert_kw, options, registry)
+            # the CLI runs with cyclic GC off (cli._Group.invoke); what this conversion left in
+            # reference cycles is freed here, scanning only the objects made since the last input
+            gc.collect(0)
         records.append(rec)
         if on_record:
             on_record(rec)
