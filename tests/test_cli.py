@@ -71,6 +71,29 @@ def test_python_dash_m_works(sd1, tmp_path):
     assert (tmp_path / "h" / "config.json").is_file() and (tmp_path / "h" / "model.safetensors").is_file()
 
 
+def test_program_skips_teardown_but_keeps_output_and_exit_codes(sd1, tmp_path):
+    """The program leaves with os._exit after a command (torch's teardown took ~0.4 s): what it
+    printed, wrote and the exit code must be exactly what the command produced."""
+    prog = [sys.executable, "-m", "sdconv"]
+    r = subprocess.run(prog + ["inspect", str(sd1), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == run("inspect", sd1, "--json")[1], r.stderr   # all of stdout
+    out = tmp_path / "o.safetensors"
+    r = subprocess.run(prog + ["convert", str(sd1), "-o", str(out), "--to", "openai"], capture_output=True, text=True)
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    code, _ = run("verify", out, sd1)
+    assert code == 0                                           # the output is complete
+    assert [p.name for p in tmp_path.iterdir()] == ["o.safetensors"]
+    r = subprocess.run(prog + ["convert", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "n"), "--to", "hf"],
+                       capture_output=True, text=True)
+    assert r.returncode == 3 and r.stderr.startswith("sdconv: error: "), r.stderr
+    r = subprocess.run(prog + ["convert", "--to", "nonsense"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Usage" in r.stderr
+    # a bug still leaves through Python, with its traceback
+    crash = "import sdconv.cli as c\ndef boom():\n    raise ZeroDivisionError('bug')\nc.main = boom\nc.run()"
+    r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError: bug" in r.stderr
+
+
 def _assert_clean_error(code, text, want_code, *needles):
     assert code == want_code, text
     lines = [ln for ln in text.strip().splitlines() if ln]
