@@ -1,5 +1,6 @@
 """The command line: help, listing, dry runs, and bad input (one line, exit code, nothing left)."""
 import hashlib
+import shutil
 import subprocess
 import sys
 
@@ -168,6 +169,58 @@ def test_existing_folder_output_replaced_with_force(sd1, tmp_path):
     assert run("convert", sd1, "-o", out, "--to", "hf", "--force")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sdconv.json"]
     assert not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("to,folder", [("openai", False), ("hf", True)])
+def test_output_made_meanwhile_by_another_run_is_not_replaced(sd1, tmp_path, monkeypatch, to, folder):
+    """Two runs writing one output without --force: the output is checked up front, but
+    another process may make it while this one converts. The output is put in place without
+    replacing (a hard link for a file, a rename for a folder), so the later run refuses with
+    exit 6 and leaves the other's output as it was; with --force it is replaced."""
+    from sdconv.converters import engine
+    out = tmp_path / "o"
+    real = engine.write_output
+
+    def racing(*a, **k):                  # "another run" finishes first
+        if folder:
+            out.mkdir()
+            (out / "model.safetensors").write_bytes(b"the other run's")
+        else:
+            out.write_bytes(b"the other run's")
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "write_output", racing)
+    code, text = run("convert", sd1, "-o", out, "--to", to)
+    _assert_clean_error(code, text, 6, "appeared while", "--force")
+    assert (out / "model.safetensors" if folder else out).read_bytes() == b"the other run's"
+    assert not _leftovers(tmp_path)
+    if folder:
+        shutil.rmtree(out)
+    else:
+        out.unlink()
+    code, text = run("convert", sd1, "-o", out, "--to", to, "--force")
+    assert code == 0, text
+    assert (out / "model.safetensors" if folder else out).read_bytes() != b"the other run's"
+    assert not _leftovers(tmp_path)
+
+
+def test_output_race_without_hard_links(sd1, tmp_path, monkeypatch):
+    """A file system without hard links (EPERM): the output is still not replaced."""
+    import errno
+    import os
+
+    from sdconv.converters import engine
+
+    def no_links(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "o.safetensors"
+    assert run("convert", sd1, "-o", out, "--to", "openai")[0] == 0        # the fallback places it
+    real = engine.write_output
+    other = tmp_path / "p.safetensors"
+    monkeypatch.setattr(engine, "write_output", lambda *a, **k: (other.write_bytes(b"x"), real(*a, **k))[1])
+    code, text = run("convert", sd1, "-o", other, "--to", "openai")
+    _assert_clean_error(code, text, 6, "appeared while")
+    assert other.read_bytes() == b"x" and not _leftovers(tmp_path)
 
 
 def test_input_never_modified(sd1, tmp_path):

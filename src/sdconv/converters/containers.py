@@ -606,11 +606,43 @@ class AtomicOutput:
         try:
             if exc_type is None:
                 _ordinary_permissions(self.tmp)
-                if self.final.is_dir() and not self.final.is_symlink():
-                    os.replace(self.final, self._tmpdir / "old")   # removed with the temporary
-                elif self.folder and self.final.exists():
-                    self.final.unlink()
-                os.replace(self.tmp, self.final)
+                if not self.force:
+                    place_new(self.tmp, self.final)
+                else:
+                    if self.final.is_dir() and not self.final.is_symlink():
+                        os.replace(self.final, self._tmpdir / "old")   # removed with the temporary
+                    elif self.folder and self.final.exists():
+                        self.final.unlink()
+                    os.replace(self.tmp, self.final)
         finally:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
         return False
+
+
+def place_new(tmp: Path, final: Path):
+    """Rename tmp to final only if final does not exist, atomically: it was checked up front,
+    but another run may have made it since. A file goes in as a hard link (which fails if the
+    name exists) and its temporary name is dropped; a folder by rename (which fails over a
+    non-empty folder or a file). Without hard links (some network and FAT file systems), the
+    check and the rename are separate steps."""
+    try:
+        if tmp.is_dir():
+            if final.exists() and not final.is_dir():
+                raise FileExistsError(errno.EEXIST, "exists", str(final))
+            os.rename(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                    raise
+                if final.exists():
+                    raise FileExistsError(errno.EEXIST, "exists", str(final))
+                os.rename(tmp, final)
+            else:
+                tmp.unlink()
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise OutputError(f"{final} appeared while this conversion ran (another run writing it?); it was left as it is",
+                              "pass --force to replace it")
+        raise
