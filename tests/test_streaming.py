@@ -44,10 +44,30 @@ def test_unchanged_tensors_are_copied_file_to_file(sd1, tmp_path, monkeypatch):
     assert read_all(_weights(out)).keys() <= {k.replace("cond_stage_model.transformer.", "") for k in src.keys()}
 
 
+def test_fused_qkv_is_written_as_its_parts_copied_file_to_file(sd1, tmp_path, monkeypatch):
+    """ldm -> openai fuses q|k|v: the three input tensors are written one after another (the
+    bytes of torch.cat along rows), each copied by the kernel, never joined in memory."""
+    from safetensors.torch import load_file
+    copied = _count_copies(monkeypatch)
+    joins = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: joins.append(1) or real_cat(*a, **k))
+    out = tmp_path / "o.safetensors"
+    convert(sd1, out, to="openai")
+    src = SafetensorsSource(sd1)
+    from_input = sum(src.info(k).nbytes for k in src.keys() if not k.endswith("position_ids"))
+    assert sum(copied) >= from_input and joins == []
+    monkeypatch.setattr(torch, "cat", real_cat)
+    got, ref = load_file(str(out)), load_file(str(sd1))
+    p = "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn."
+    for kind in ("weight", "bias"):
+        want = torch.cat([ref[f"{p}{x}_proj.{kind}"] for x in "qkv"])
+        assert torch.equal(got[f"transformer.resblocks.1.attn.in_proj_{kind}"], want)
+
+
 @pytest.mark.parametrize("to", ["hf", "openai", "open_clip", "sgm"])
 def test_same_bytes_with_and_without_copy_file_range(sd1, tmp_path, monkeypatch, to):
-    """The kernel copy and the plain write give byte-identical outputs (openai fuses q/k/v: those
-    tensors are new and take the write path, the rest are copied)."""
+    """The kernel copy and the plain write give byte-identical outputs."""
     a = tmp_path / "a.safetensors"
     convert(sd1, a, to=to)
     monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", False)

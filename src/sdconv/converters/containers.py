@@ -540,10 +540,11 @@ def write_safetensors(tensors, path: Path, metadata: dict | None = None):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in stream:
-            t = t.contiguous()
-            if not _copy_from_input(f, t):
-                f.write(_raw_bytes(t))
+        for _, parts in stream.pieces():      # a fused q|k|v: its parts, one after another
+            for t in parts:
+                t = t.contiguous()
+                if not _copy_from_input(f, t):
+                    f.write(_raw_bytes(t))
         if late:                            # values computed meanwhile (the source's sha256)
             for k, v in late.items():
                 header["__metadata__"][k] = v.result()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .errors import InputError
 from .plan import BufferOp, ReadPlan, WriteOp
-from .stream import Entry, TensorStream
+from .stream import Entry, RowConcat, TensorStream
 from .transforms import TRANSFORMS, synthesize
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -55,16 +55,18 @@ def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], ar
                         cache[name] = t
             written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])
             for key, t in zip(op.keys, written):
+                parts = t.parts if isinstance(t, RowConcat) else [t]
                 # checked as it is made, before its bytes reach the (temporary) output
-                if check_finite and not _finite(t):
+                if check_finite and not all(_finite(p) for p in parts):
                     src, rop = grafts.get(op.canonical[0]) or (source, rp.op_for(op.canonical[0]))
                     raise InputError(f"{src.path}: {', '.join(rop.keys)} holds NaN or Inf values (for {key})",
                                      "the checkpoint is damaged (a failed merge or training run); nothing was written")
-                if cast is not None and t.is_floating_point():
-                    t = t.to(cast)
+                if cast is not None and parts[0].is_floating_point():
+                    parts = [p.to(cast) for p in parts]
                 if progress:
-                    progress(t.numel() * t.element_size())
-                yield key, t.contiguous()
+                    progress(sum(p.numel() * p.element_size() for p in parts))
+                parts = [p.contiguous() for p in parts]
+                yield key, (RowConcat(parts) if isinstance(t, RowConcat) else parts[0])
         for b in buffers:
             shape = [arch[s] if isinstance(s, str) else s for s in b.shape]
             yield b.key, synthesize(b.synthesize, shape)

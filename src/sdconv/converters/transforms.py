@@ -19,7 +19,7 @@ class Transform:
     n_keys: int                  # layout-side tensors consumed on read
     n_canonical: int             # canonical tensors produced on read
     read: Callable               # list[Tensor] -> list[Tensor]
-    write: Callable              # list[Tensor] -> list[Tensor]  (the inverse)
+    write: Callable              # list[Tensor] -> list[Tensor | RowConcat]  (the inverse)
     read_shape: Callable         # list[Shape] -> list[Shape] | None (None: shape not acceptable)
     write_shape: Callable        # list[Shape] -> list[Shape] | None
     describe: str
@@ -58,8 +58,9 @@ def _split_qkv(ts):
 
 
 def _fuse_qkv(ts):
-    import torch
-    return [torch.cat(list(ts), dim=0)]
+    # joined when iterated; a safetensors writer writes the parts one after another instead
+    from .stream import RowConcat
+    return [RowConcat(ts)]
 
 
 def _scalar_read_shape(shapes):
