@@ -25,7 +25,10 @@ What it does, in one run:
    peak RSS = "Maximum resident set size"), median of N (default 3), with a warm page cache and
    a cold one (`sync` + `echo 3 > /proc/sys/vm/drop_caches` before each cold run; skipped with a
    note when not allowed). `sync` also runs before every warm run, so the previous run's output
-   is not being written back during the next. Variants are interleaved within each repetition.
+   is not being written back during the next. Variants are interleaved within each repetition,
+   and each repetition starts one variant later than the one before. (Before this rotation,
+   sdconv → openai always ran first, right after the ~5 GB variants, and came out slower than
+   → hf in the bench, though not in interleaved runs without those.)
    Each run records the CPU other processes used during it (`foreign_cores`); before each run
    the bench waits briefly (3 s at most, 45 s in all) for a busy machine to quieten.
    - sdconv (the current code of the editable install: .venv/bin/sdconv; its bytecode is compiled
@@ -405,7 +408,9 @@ def measure_rows(runner: Runner, rows, reps: int, cold_ok: bool, out: Path, log)
     runner.timed(next(cmd for rid, _, cmd, _ in rows if rid.startswith("sdconv")), outdir=out)
     for mode in (["warm"] + (["cold"] if cold_ok else [])):
         for rep in range(reps):
-            for rid, label, cmd, floor in rows:
+            # each repetition starts one variant later, so that no variant always runs first,
+            # right after the previous repetition's heaviest (~5 GB) ones
+            for rid, label, cmd, floor in rows[rep % len(rows):] + rows[:rep % len(rows)]:
                 r = runner.timed(cmd, cold=mode == "cold", outdir=out)
                 res[rid][mode].append(r)
                 status = "" if r["rc"] == 0 else f"  FAILED rc={r['rc']}: {r.get('stderr', '')[-300:]}"
@@ -450,7 +455,8 @@ def render(results: dict) -> str:
     L.append("")
     L.append(f"{meta['date']} · {meta['machine']} · sdconv {meta['sdconv_commit']} · torch {meta['torch']} · "
              f"safetensors {meta['safetensors']} · diffusers {meta['diffusers']} · transformers {meta['transformers']}")
-    L.append(f"Median of {meta['reps']} runs per cell, each its own process under `/usr/bin/time -v`; "
+    L.append(f"Median of {meta['reps']} runs per cell, each its own process under `/usr/bin/time -v`, the variants "
+             "of an input interleaved, each repetition starting one variant later; "
              f"cold = `sync` + `drop_caches` before the run{'' if meta['cold'] else ' (not measured: ' + meta['cold_note'] + ')'}. "
              "Ratios are to the floor of the same input (SDXL `--encoder clip_g`: to the clip_g-only floor); "
              "wall ratios warm / cold. Peak RSS: median of all runs.")
