@@ -483,9 +483,9 @@ _COPY_FILE_RANGE = {"works": hasattr(os, "copy_file_range")}
 
 def _copy_from_input(f, t) -> bool:
     """Write t by copying its bytes file to file in the kernel, if t is an unchanged region of a
-    mapped input (most tensors are only renamed; split q/k/v are such regions too). The bytes
-    then never pass through this process, which halves the cost of writing. False: write t's
-    memory instead (t made here, or a system without copy_file_range)."""
+    mapped input (most tensors are only renamed; split q/k/v and the parts of a fused one are
+    such regions too). The bytes then never pass through this process, which halves the cost
+    of writing. False: write t's memory instead (t made here, or no copy_file_range)."""
     n = t.numel() * t.element_size()
     if not n or not _COPY_FILE_RANGE["works"]:
         return False
@@ -626,24 +626,27 @@ def place_new(tmp: Path, final: Path):
     name exists) and its temporary name is dropped; a folder by rename (which fails over a
     non-empty folder or a file). Without hard links (some network and FAT file systems), the
     check and the rename are separate steps."""
-    try:
-        if tmp.is_dir():
-            if final.exists() and not final.is_dir():
-                raise FileExistsError(errno.EEXIST, "exists", str(final))
+    clash = OutputError(f"{final} appeared while this conversion ran (another run writing it?); it was left as it is",
+                        "pass --force to replace it")
+    if tmp.is_dir():
+        if final.exists() and not final.is_dir():
+            raise clash
+        try:
             os.rename(tmp, final)
-        else:
-            try:
-                os.link(tmp, final)
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
-                    raise
-                if final.exists():
-                    raise FileExistsError(errno.EEXIST, "exists", str(final))
-                os.rename(tmp, final)
-            else:
-                tmp.unlink()
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise clash from None
+            raise
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise clash from None
     except OSError as e:
-        if isinstance(e, FileExistsError) or e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            raise OutputError(f"{final} appeared while this conversion ran (another run writing it?); it was left as it is",
-                              "pass --force to replace it")
-        raise
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        if final.exists():
+            raise clash from None
+        os.rename(tmp, final)
+    else:
+        tmp.unlink()
