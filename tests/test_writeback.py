@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import UsageError, convert
-from sdconv.converters.containers import write_safetensors
-from sdconv.converters.writeback import write_back
+from sdconv.converters.writers import write_safetensors
+from sdconv.writeback import write_back
 
 UNET = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3).half(),
         "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3),
@@ -18,7 +18,7 @@ UNET = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)
 
 def _hashes(path):
     """sha256 of every tensor's bytes, read without torch's help (the raw file ranges)."""
-    from sdconv.converters.containers import open_source
+    from sdconv.converters.folders import open_source
     src = open_source(path)
     return {k: hashlib.sha256(src.raw(k)).hexdigest() for k in src.keys()}
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-HF_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+from . import dtypes
+
+# the torch_dtype a transformers config states: floats of 16 bits and wider
+HF_TORCH_DTYPE = {d.code: d.torch for d in dtypes.TABLE if d.is_float and d.size >= 2}
 
 
 def read_hf_clip_text(cfg: dict) -> dict:

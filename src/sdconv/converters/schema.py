@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MappingError
+from ..errors import MappingError
 from .transforms import SYNTHESIZERS, TRANSFORMS
 from .yamlload import LineDict, LineList, load_yaml
 

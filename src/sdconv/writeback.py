@@ -11,30 +11,41 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .containers import AtomicOutput, open_source
-from .detect import read_layout
+from .converters import metakeys
+from .converters.atomic import AtomicOutput
+from .converters.detect import read_layout
+from .converters.engine import check_output, make_plans
+from .converters.execute import SourceReader, stream
+from .converters.folders import open_source
+from .converters.hashing import sha256_of
+from .converters.arch import infer_arch
+from .converters.plan import plan_write
+from .converters.registry import DEFAULT, Registry
+from .converters.stream import Entry, TensorStream
+from .converters.writers import save_tensors
 from .errors import LayoutError, OutputError, UsageError
-from .execute import stream
-from .hashing import sha256_of
-from .plan import infer_arch, plan_write
-from .registry import DEFAULT, Registry
-from .stream import Entry, TensorStream
+from .options import ConvertOptions
 
 ARCH_KEYS = ("width", "layers", "ffn", "vocab", "context", "proj")
 
 
-def write_back(input, checkpoint, output, to: str, from_=None, encoder=None, params=None, force: bool = False,
-               registry: Registry = DEFAULT, **plan_kw):
-    from .engine import _check_output, make_plans
+def write_back(input, checkpoint, output, options: ConvertOptions | None = None, *,
+               registry: Registry = DEFAULT, **fields):
+    """Write the encoder(s) of `input` into a copy of the full checkpoint `checkpoint` (layout
+    `options.to`: ldm, sgm or sd3), as the new .safetensors checkpoint `output`. Returns (the Plan,
+    {slot: what was replaced})."""
+    o = ConvertOptions.of(options, fields)
     output, checkpoint = Path(output), Path(checkpoint)
     if output.suffix != ".safetensors":
         raise UsageError("--into writes a .safetensors checkpoint", f"name the output {output.stem}.safetensors")
-    plans = make_plans(input, to, from_, params, "safetensors", "keep", None, encoder or "all", registry=registry,
-                       **plan_kw)
+    to, force = o.to, o.force
+    plans = make_plans(input, o.replace(fmt="safetensors", dtype="keep", encoder=o.encoder or "all", with_vision=None,
+                                        force_activation=False),
+                       registry=registry)
     if len(plans) != 1:
         raise UsageError(f"{to} cannot hold these encoders together")
     plan = plans[0]
-    _check_output(plan, output)
+    check_output(plan, output)
     ck = open_source(checkpoint)
     if ck.is_folder:
         raise UsageError(f"--into {checkpoint}: a folder; write-back needs a single-file checkpoint")
@@ -61,8 +72,8 @@ def write_back(input, checkpoint, output, to: str, from_=None, encoder=None, par
         slot = dataclasses.replace(e.slot, prefix=old.prefix)
         ops, buffers, _, _ = plan_write(plan.target, slot, e.read.shapes, e.read.layers, str(input), e.absent_last)
         removed |= set(old.keys)
-        streams.append(stream(plan.source, e.read, ops, buffers, e.arch, "keep", None,
-                              {c: (g.source, g.op) for c, g in e.grafts.items()}))
+        streams.append(stream(SourceReader(plan.source, e.read, {c: (g.source, g.op) for c, g in e.grafts.items()}),
+                              ops, buffers, e.arch))
         records[e.slot.name] = {"from": Path(plan.source.path).name, "prefix": old.prefix,
                                 "removed": len(old.keys), "written": len(ops) + len(buffers)}
 
@@ -70,13 +81,12 @@ def write_back(input, checkpoint, output, to: str, from_=None, encoder=None, par
     keep = TensorStream([Entry(k, ck.info(k).dtype, ck.info(k).shape) for k in kept],
                         lambda: ((k, ck.load(k)) for k in kept))
     meta = dict(ck.metadata())            # the checkpoint's own metadata, unchanged
-    meta.update({"sdconv.into": json.dumps({"checkpoint": checkpoint.name, "encoders": records,
+    meta.update({metakeys.INTO: json.dumps({"checkpoint": checkpoint.name, "encoders": records,
                                             "encoder_sha256": sha256_of(plan.source.files())}, sort_keys=True)})
     new_keys = {en.key for s in streams for en in s.entries}
     clash = [k for k in kept if k in new_keys]
     if clash:
         raise UsageError(f"{checkpoint} already holds {clash[0]} outside the replaced encoder")
     with AtomicOutput(output, False, force) as tmp:
-        from .containers import save_tensors
         save_tensors(TensorStream.concat([keep, *streams]), tmp, "safetensors", meta)
     return plan, records
