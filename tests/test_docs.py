@@ -17,7 +17,6 @@ from sdconv.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "adding-a-layout.md"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# pages the README and docs link to that are written on another branch (issue 12)
 
 
 def test_adding_a_layout_walkthrough(tmp_path):

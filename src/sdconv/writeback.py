@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .converters import metakeys
 from .converters.atomic import AtomicOutput
+from .converters.conversion import Plan
 from .converters.detect import read_layout
 from .converters.engine import check_output, make_plans
 from .converters.execute import SourceReader, stream
@@ -29,16 +31,28 @@ from .options import ConvertOptions
 ARCH_KEYS = ("width", "layers", "ffn", "vocab", "context", "proj")
 
 
-def write_back(input, checkpoint, output, options: ConvertOptions | None = None, *,
-               registry: Registry = DEFAULT, **fields):
-    """Write the encoder(s) of `input` into a copy of the full checkpoint `checkpoint` (layout
-    `options.to`: ldm, sgm or sd3), as the new .safetensors checkpoint `output`. Returns (the Plan,
-    {slot: what was replaced})."""
+@dataclass
+class WriteBack:
+    """A planned write-back: the encoder plan, the checkpoint, and per slot what is replaced."""
+    plan: Plan
+    checkpoint: Path
+    output: Path
+    force: bool
+    records: dict                   # slot -> {from, prefix, removed, written}
+    kept: list                      # the checkpoint's keys copied as they are
+    streams: list                   # the new encoders' tensors, made when written
+    source: object                  # the checkpoint, opened
+
+
+def plan_write_back(input, checkpoint, output, options: ConvertOptions | None = None, *,
+                    registry: Registry = DEFAULT, **fields) -> WriteBack:
+    """Check and plan writing the encoder(s) of `input` into a copy of the full checkpoint
+    `checkpoint` (layout `options.to`: ldm, sgm or sd3) as `output`; nothing is written."""
     o = ConvertOptions.of(options, fields)
     output, checkpoint = Path(output), Path(checkpoint)
     if output.suffix != ".safetensors":
         raise UsageError("--into writes a .safetensors checkpoint", f"name the output {output.stem}.safetensors")
-    to, force = o.to, o.force
+    to = o.to
     plans = make_plans(input, o.replace(fmt="safetensors", dtype="keep", encoder=o.encoder or "all", with_vision=None,
                                         force_activation=False),
                        registry=registry)
@@ -78,15 +92,25 @@ def write_back(input, checkpoint, output, options: ConvertOptions | None = None,
                                 "removed": len(old.keys), "written": len(ops) + len(buffers)}
 
     kept = [k for k in ck.keys() if k not in removed]
-    keep = TensorStream([Entry(k, ck.info(k).dtype, ck.info(k).shape) for k in kept],
-                        lambda: ((k, ck.load(k)) for k in kept))
-    meta = dict(ck.metadata())            # the checkpoint's own metadata, unchanged
-    meta.update({metakeys.INTO: json.dumps({"checkpoint": checkpoint.name, "encoders": records,
-                                            "encoder_sha256": sha256_of(plan.source.files())}, sort_keys=True)})
     new_keys = {en.key for s in streams for en in s.entries}
     clash = [k for k in kept if k in new_keys]
     if clash:
         raise UsageError(f"{checkpoint} already holds {clash[0]} outside the replaced encoder")
-    with AtomicOutput(output, False, force) as tmp:
-        save_tensors(TensorStream.concat([keep, *streams]), tmp, "safetensors", meta)
-    return plan, records
+    return WriteBack(plan, checkpoint, output, o.force, records, kept, streams, ck)
+
+
+def write_back(input, checkpoint, output, options: ConvertOptions | None = None, *,
+               registry: Registry = DEFAULT, **fields):
+    """Write the encoder(s) of `input` into a copy of the full checkpoint `checkpoint` (layout
+    `options.to`: ldm, sgm or sd3), as the new .safetensors checkpoint `output`. Returns (the Plan,
+    {slot: what was replaced})."""
+    wb = plan_write_back(input, checkpoint, output, options, registry=registry, **fields)
+    ck, kept = wb.source, wb.kept
+    keep = TensorStream([Entry(k, ck.info(k).dtype, ck.info(k).shape) for k in kept],
+                        lambda: ((k, ck.load(k)) for k in kept))
+    meta = dict(ck.metadata())            # the checkpoint's own metadata, unchanged
+    meta.update({metakeys.INTO: json.dumps({"checkpoint": wb.checkpoint.name, "encoders": wb.records,
+                                            "encoder_sha256": sha256_of(wb.plan.source.files())}, sort_keys=True)})
+    with AtomicOutput(wb.output, False, wb.force) as tmp:
+        save_tensors(TensorStream.concat([keep, *wb.streams]), tmp, "safetensors", meta)
+    return wb.plan, wb.records

@@ -5,6 +5,7 @@ import sys
 import click
 
 from ..converters.dtypes import DTYPE_CHOICES
+from ..errors import UsageError
 from ..options import AUTO, FORMATS
 from . import render
 from .app import EXIT_CODES, main, parse_params, registry
@@ -94,9 +95,20 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
                              force_activation=force_activation, fix_position_ids=fix_position_ids, strict=strict,
                              force=force)
     reg = registry()
+    if into and batch:
+        raise UsageError("--into writes one encoder file into one checkpoint; several inputs were given",
+                         "write back one input at a time")
     if batch:
         return _batch(paths, output, options, reg, continue_on_error, report, quiet, dry_run)
     (input,) = paths
+    if into and dry_run:
+        from ..writeback import plan_write_back
+        wb = plan_write_back(input, into, output, options, registry=reg)
+        click.echo(render.describe_plan(wb.plan))
+        for line in render.describe_write_back(into, output, wb.records, planned=True):
+            click.echo(line)
+        click.echo("dry run: nothing written")
+        return
     if into:
         from ..writeback import write_back
         plan, records = write_back(input, into, output, options, registry=reg)

@@ -13,7 +13,7 @@ from .app import EXIT_CODES, main, registry
 @click.argument("input", type=click.Path())
 @click.option("--from", "from_", default=AUTO, show_default=True, metavar="LAYOUT|auto",
               help="Input layout; auto detects it.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (stable; see README).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (stable; fields in docs/inspect-and-verify.md).")
 def inspect(input, from_, as_json):
     """Show the text encoder(s) in INPUT and what else the file holds.
 

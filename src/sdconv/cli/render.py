@@ -72,10 +72,12 @@ def warning(text: str, input=None) -> str:
     return f"sdconv: warning: {input}: {text}" if input is not None else f"sdconv: warning: {text}"
 
 
-def describe_write_back(into, output, records: dict) -> list[str]:
-    lines = [f"replaced {slot} in {into} at {r['prefix']}: {r['removed']} tensors out, {r['written']} in; "
+def describe_write_back(into, output, records: dict, planned: bool = False) -> list[str]:
+    """What a write-back did (or, planned, would do)."""
+    verb = "would replace" if planned else "replaced"
+    lines = [f"{verb} {slot} in {into} at {r['prefix']}: {r['removed']} tensors out, {r['written']} in; "
              f"everything else copied byte for byte" for slot, r in records.items()]
-    return lines + [f"wrote {output}"]
+    return lines + [f"{'would write' if planned else 'wrote'} {output}"]
 
 
 def describe_record(rec) -> str:
