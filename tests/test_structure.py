@@ -148,3 +148,19 @@ def test_every_error_type_has_a_documented_exit_code():
     types = [c for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.SdconvError)]
     assert len(types) >= 7
     assert all(t.exit_code in E.EXIT_CODES for t in types)
+
+
+def test_only_the_command_line_prints():
+    """The library returns data; every human-readable line is the command line's (cli/)."""
+    offenders = []
+    for m, path in _modules().items():
+        if m.startswith("sdconv.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                offenders.append(f"{m}: print()")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if "click" in names:
+                    offenders.append(f"{m}: imports click")
+    assert not offenders, offenders
