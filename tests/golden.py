@@ -108,6 +108,7 @@ def make_inputs(d: Path):
     xl[pre + "text_projection"] = torch.randn(w, w, generator=g).half()
     save_file(xl, str(d / "xl.safetensors"), {"format": "pt", "sdconv.encoders": json.dumps(
         {"clip_l": {"params": {"heads": 2, "act": "quick_gelu"}}, "clip_g": {"params": {"heads": 2, "act": "gelu"}}})})
+    _order_metadata(d / "xl.safetensors", ["sdconv.encoders", "format"])
     m = openai_model()
     seeded_randn_(m, 7)
     with torch.no_grad():
@@ -118,6 +119,21 @@ def make_inputs(d: Path):
     pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
     sd1[pid] = torch.arange(77, dtype=torch.float32)[None] - 0.0003
     save_file(sd1, str(d / "drift.safetensors"), {"format": "pt"})
+
+
+def _order_metadata(path: Path, order: list):
+    """Put a safetensors file's __metadata__ entries in `order`, in place. safetensors writes them
+    in the order of a Rust hash map, which changes from one process to the next, so the file's
+    bytes (and the source hash that outputs record) would differ between runs. `order` is the one
+    the digests were recorded with; the header keeps its length (same entries, same padding)."""
+    import struct
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = {k: header["__metadata__"][k] for k in order}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n and raw[8 + len(text):8 + n].strip() == b"", "header would change length"
+    path.write_bytes(raw[:8] + text + raw[8 + len(text):])
 
 
 def run(d: Path, command: str) -> str:
