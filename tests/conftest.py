@@ -19,5 +19,3 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY
 # sdconv caches source hashes under $XDG_CACHE_HOME: keep the tests' cache out of $HOME
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sdconv-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (consumers.py, fixtures.py)

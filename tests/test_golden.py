@@ -2,7 +2,7 @@
 recorded in tests/data/golden_outputs.json before the code was restructured (issue 12)."""
 import json
 
-import golden
+from tests.helpers import golden
 
 
 def test_outputs_are_byte_identical_to_the_recorded_ones(tmp_path):

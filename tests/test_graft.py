@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import consumers as C
-from clipref import reference_and_sd1
-from fixtures import distinct_canonical, read_all, write_layout, write_multi
+from tests.helpers import consumers as C
+from tests.helpers.clipref import reference_and_sd1
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import InputError, UsageError, convert, make_plan
 from sdconv.converters.containers import sha256_of
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fixtures import (distinct_canonical, holdable, read_all, realkeys, sparse_safetensors, target_slot, write_layout,
+from tests.helpers.fixtures import (distinct_canonical, holdable, read_all, realkeys, sparse_safetensors, target_slot, write_layout,
                       write_multi)
 from sdconv.cli import main
 from sdconv.converters.containers import write_safetensors

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import consumers as C
-import consumers_sd as S
+from tests.helpers import consumers as C
+from tests.helpers import consumers_sd as S
 from sdconv import UsageError, convert, make_plans
 
 G_LAYERS = C.LAYERS          # the bigG-shaped and CLIP-L-shaped tiny references: 2 blocks

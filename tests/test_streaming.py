@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fixtures import distinct_canonical, read_all, write_layout
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout
 from sdconv.cli import main
 from sdconv.converters import containers
 from sdconv.converters.containers import SafetensorsSource, write_safetensors

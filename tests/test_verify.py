@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from clipref import reference_and_sd1
+from tests.helpers.clipref import reference_and_sd1
 from sdconv import convert
 from sdconv.cli import main
 from sdconv.converters.verify import verify
@@ -71,7 +71,7 @@ def test_cli_text_json_and_exit_codes(tmp_path):
 
 
 def test_prompts_with_a_tokenizer(tmp_path):
-    import consumers as C
+    from tests.helpers import consumers as C
     reference_and_sd1(tmp_path)
     tok_dir = tmp_path / "tok"
     C.clip_tokenizer().save_pretrained(tok_dir)
@@ -86,7 +86,7 @@ def test_prompts_with_a_tokenizer(tmp_path):
 
 
 def test_verify_reports_synthetic_weights(tmp_path):
-    from fixtures import distinct_canonical, write_layout
+    from tests.helpers.fixtures import distinct_canonical, write_layout
     canon = distinct_canonical(vocab=1000)
     fake = dict(canon, **{"text_proj.weight": torch.eye(128)})
     a = write_layout(canon, tmp_path / "a.safetensors", "comfy")
