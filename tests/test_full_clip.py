@@ -10,6 +10,8 @@ from tests.helpers.clipref import reference_and_sd1
 from tests.helpers.fixtures import distinct_canonical, write_multi
 from sdconv import UsageError, convert, make_plan
 
+pytestmark = pytest.mark.oracle
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

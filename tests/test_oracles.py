@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import consumers as C
 
+pytestmark = pytest.mark.oracle
+
 KINDS = ("L", "G")
 TARGETS = ("openai", "open_clip", "ldm", "hf", "diffusers")
 MAIN_SOURCES = ("openai_pt", "open_clip", "ldm_ckpt", "hf", "diffusers")

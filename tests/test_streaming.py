@@ -142,6 +142,7 @@ def _rss_file_kib():
 
 
 @pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "negative-control"])
+@pytest.mark.fullsize
 def test_mapped_pages_are_dropped_as_tensors_are_read(tmp_path, monkeypatch, trim):
     """Reading 128 MiB of tensors through the map leaves only about TRIM_BYTES of it resident;
     with trimming off, all of it stays (the control shows the measure can see it)."""
