@@ -10,13 +10,14 @@ SDCONV  = $(VENV)/bin/sdconv
 TORCH_PIN = torch==2.13.0
 DEMO   ?= demo-out
 
-.PHONY: install install-test demo test bench clean help
+.PHONY: install install-test demo test test-fast bench clean help
 
 help:
-	@echo "make demo   - install, make a sample SD1.x checkpoint, convert it to openai and hf"
-	@echo "make test   - install with the test oracles, run the test suite"
-	@echo "make bench  - full-scale benchmark (~20 min, ~10 GB of disk; BENCH_ARGS=--quick to try it)"
-	@echo "make clean  - remove the venv and demo output"
+	@echo "make demo      - install, make a sample SD1.x checkpoint, convert it to openai and hf"
+	@echo "make test      - install with the test oracles, run the test suite"
+	@echo "make test-fast - the quick tier: the tests marked neither oracle nor fullsize (a few minutes)"
+	@echo "make bench     - full-scale benchmark (~20 min, ~10 GB of disk; BENCH_ARGS=--quick to try it)"
+	@echo "make clean     - remove the venv and demo output"
 
 $(VENV)/.run-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,10 @@ demo: install
 
 test: install-test
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q
+
+# The quick tier: no consumer-library oracles, no full-size checkpoints (markers in pyproject.toml).
+test-fast: install-test
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -m "not oracle and not fullsize"
 
 # Generates full-size synthetic SD1.5/SDXL checkpoints, times sdconv against the floor and the
 # usual ways (warm and cold page cache), writes bench/results.md and bench/results.json, deletes

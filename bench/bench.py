@@ -212,11 +212,16 @@ def generate_safetensors(kind: str, path: str):
 
 
 def generate_ckpt(kind: str, path: str):
-    """fp32 zip .ckpt with Lightning-style extras (tests/lightning_ckpt.py: fake pytorch_lightning
-    and numpy 1 modules, registered in this generator process only)."""
+    """fp32 zip .ckpt with Lightning-style extras (tests/helpers/lightning_ckpt.py: fake
+    pytorch_lightning and numpy 1 modules, registered in this generator process only)."""
+    import importlib.util
+
     import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from lightning_ckpt import save_lightning_ckpt
+    found = importlib.util.spec_from_file_location(
+        "lightning_ckpt", Path(__file__).resolve().parents[1] / "tests" / "helpers" / "lightning_ckpt.py")
+    lightning_ckpt = importlib.util.module_from_spec(found)
+    found.loader.exec_module(lightning_ckpt)
+    save_lightning_ckpt = lightning_ckpt.save_lightning_ckpt
     items = spec(kind)
     fill = Filler(torch, torch.float32)
     sd = {key: fill.tensor(shape, role) for key, shape, role in items}

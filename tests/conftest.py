@@ -12,6 +12,8 @@ import sys
 import tempfile
 import types
 
+import pytest
+
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ.setdefault(_var, "1")
@@ -20,4 +22,25 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sdconv-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (consumers.py, fixtures.py)
+# The oracle tier: a test that imports a consumer library must be marked `oracle`, so that
+# -m "not oracle" (make test-fast) needs none of them. Checked for each test against the libraries
+# already imported before it, so the check is complete when the oracle tests are deselected.
+CONSUMERS = ("transformers", "open_clip", "clip", "diffusers", "torchvision")
+_LOADED_BEFORE = pytest.StashKey[frozenset]()
+
+
+def _consumers_loaded() -> frozenset:
+    return frozenset(m for m in CONSUMERS if m in sys.modules)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_LOADED_BEFORE] = _consumers_loaded()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    new = _consumers_loaded() - item.stash.get(_LOADED_BEFORE, frozenset())
+    if new and item.get_closest_marker("oracle") is None:
+        raise AssertionError(f"{item.nodeid} imported {', '.join(sorted(new))} but is not marked "
+                             "@pytest.mark.oracle (see markers in pyproject.toml)")

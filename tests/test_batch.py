@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixtures import distinct_canonical, write_multi
+from tests.helpers.fixtures import distinct_canonical, write_multi
 from sdconv.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_two_inputs_one_output_refused(tmp_path):
     write_multi(d / "a.safetensors", "ldm", {"clip_l": distinct_canonical(vocab=1000)})
     import shutil
     import torch
-    from fixtures import read_all
+    from tests.helpers.fixtures import read_all
     torch.save(read_all(d / "a.safetensors"), d / "a.ckpt")
     r = CliRunner().invoke(main, ["convert", str(d), "-o", str(tmp_path / "out"), "--to", "openai"])
     assert r.exit_code == 2 and "would both write" in r.output

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from fixtures import ALL_LAYOUTS, distinct_canonical, write_layout
+from tests.helpers.fixtures import ALL_LAYOUTS, distinct_canonical, write_layout
 from sdconv.cli import main
 
 
@@ -279,7 +279,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "PAYLOAD_RAN"
     evil = tmp_path / "evil.ckpt"
     canon = write_layout(distinct_canonical(), tmp_path / "clip.safetensors", "ldm")
-    from fixtures import read_all
+    from tests.helpers.fixtures import read_all
     torch.save({"state_dict": read_all(canon), "callback": _Payload(marker)}, evil)
     code, text = run("convert", evil, "-o", tmp_path / "o.safetensors", "--to", "openai")
     _assert_clean_error(code, text, 4, "refused to unpickle", "system")
@@ -287,7 +287,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 
 def test_ckpt_state_dict_nesting_and_extras(tmp_path):
-    from fixtures import read_all
+    from tests.helpers.fixtures import read_all
     canon = write_layout(distinct_canonical(), tmp_path / "clip.safetensors", "ldm")
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": read_all(canon), "global_step": 840000, "epoch": 6}, ckpt)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fixtures import distinct_canonical, read_all, write_layout, write_multi
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv.cli import main
 from sdconv.converters.writers import write_safetensors
 

@@ -227,6 +227,7 @@ def test_probe_ids_short_context():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 @pytest.mark.parametrize("eos_token_id", [2, 49407])
+@pytest.mark.oracle
 def test_matches_transformers(act, eos_token_id):
     canon, ids, out, _ = hf_run(act, eos_token_id)
     got = encode(canon, ids, HEADS, act, hidden_layers=True)
@@ -242,6 +243,7 @@ def test_matches_transformers(act, eos_token_id):
     close(got["projected"], got["pooled"] @ canon["text_proj.weight"].T, "projected from pooled")
 
 
+@pytest.mark.oracle
 def test_pooled_ignores_padding_convention():
     canon, ids, _, _ = hf_run("gelu")
     got = encode(canon, ids, HEADS, "gelu")
@@ -250,6 +252,7 @@ def test_pooled_ignores_padding_convention():
     assert maxdiff(p[0], p[2]) > 1e-2
 
 
+@pytest.mark.oracle
 def test_without_projection_and_fewer_layers():
     canon, ids, out, _ = hf_run("gelu")
     canon = {k: v for k, v in canon.items() if k != "text_proj.weight"}
@@ -266,6 +269,7 @@ def test_without_projection_and_fewer_layers():
         encode(gap, ids, HEADS, "gelu")
 
 
+@pytest.mark.oracle
 def test_short_context_and_short_ids():
     """pos_embd shorter than 77, and ids shorter than the context."""
     act = "quick_gelu"
@@ -286,6 +290,7 @@ def test_short_context_and_short_ids():
 # open_clip and OpenAI clip
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.oracle
 def test_matches_open_clip(act):
     canon, ids, proj, last = oc_run(act)
     got = encode(canon, ids, HEADS, act)
@@ -293,6 +298,7 @@ def test_matches_open_clip(act):
     close(got["projected"], proj, "encode_text")
 
 
+@pytest.mark.oracle
 def test_matches_openai_clip():
     canon, ids, proj, last = openai_run()
     got = encode(canon, ids, HEADS, "quick_gelu")
@@ -303,6 +309,7 @@ def test_matches_openai_clip():
 # --------------------------------------------------------------------------------------------
 # negative controls: each mistake must make the comparison fail
 # --------------------------------------------------------------------------------------------
+@pytest.mark.oracle
 def test_swapped_q_k_fails():
     canon, ids, out, _ = hf_run("quick_gelu")
     bad = dict(canon)
@@ -316,6 +323,7 @@ def test_swapped_q_k_fails():
 
 
 @pytest.mark.parametrize("act,wrong", [("quick_gelu", "gelu"), ("gelu", "quick_gelu")])
+@pytest.mark.oracle
 def test_wrong_activation_fails(act, wrong):
     canon, ids, out, _ = hf_run(act)
     got = encode(canon, ids, HEADS, wrong)
@@ -323,6 +331,7 @@ def test_wrong_activation_fails(act, wrong):
     differs(got["projected"], out.text_embeds, f"{wrong} for {act}: projected")
 
 
+@pytest.mark.oracle
 def test_transposed_projection_fails():
     canon, ids, out, _ = hf_run("quick_gelu")
     bad = dict(canon, **{"text_proj.weight": canon["text_proj.weight"].T.contiguous()})
@@ -335,6 +344,7 @@ def test_transposed_projection_fails():
     differs(encode(bad, oids, HEADS, "quick_gelu")["projected"], oproj, "open_clip projection untransposed")
 
 
+@pytest.mark.oracle
 def test_wrong_heads_fails():
     canon, ids, out, _ = hf_run("gelu")
     differs(encode(canon, ids, 4, "gelu")["last_hidden"], out.last_hidden_state, "4 heads for 2")
@@ -346,6 +356,7 @@ def test_wrong_heads_fails():
 # dtypes and inputs
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.oracle
 def test_fp16_close_to_fp32(act):
     canon, ids, _, _ = hf_run(act)
     ref = encode(canon, ids, HEADS, act, hidden_layers=True)
@@ -365,6 +376,7 @@ def test_fp16_close_to_fp32(act):
     assert maxdiff(back["last_hidden"], got["last_hidden"]) < 5e-3
 
 
+@pytest.mark.oracle
 def test_as_float32_copies():
     canon, _, _, _ = hf_run("quick_gelu")
     src = {k: v.half() for k, v in canon.items()}
@@ -378,6 +390,7 @@ def test_as_float32_copies():
     assert all(torch.equal(f32[k], canon[k]) for k in canon)
 
 
+@pytest.mark.oracle
 def test_mixed_dtypes_run_in_fp32():
     """OpenAI .pt archives mix fp16 matrices with fp32 embeddings/LayerNorms."""
     canon, ids, _, _ = hf_run("quick_gelu")
@@ -388,6 +401,7 @@ def test_mixed_dtypes_run_in_fp32():
     close(got["last_hidden"], ref["last_hidden"], "mixed = fp32 of the same values")
 
 
+@pytest.mark.oracle
 def test_input_checks():
     canon, ids, out, _ = hf_run("quick_gelu")
     one = encode(canon, ids[2], HEADS, "quick_gelu")  # a single [L] row

@@ -5,10 +5,12 @@ import copy
 import pytest
 import torch
 
-import consumers as C
-from clipref import reference_and_sd1
-from fixtures import distinct_canonical, write_multi
+from tests.helpers import consumers as C
+from tests.helpers.clipref import reference_and_sd1
+from tests.helpers.fixtures import distinct_canonical, write_multi
 from sdconv import UsageError, convert, make_plan
+
+pytestmark = pytest.mark.oracle
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,12 @@
 recorded in tests/data/golden_outputs.json before the code was restructured (issue 12)."""
 import json
 
-import golden
+import pytest
+
+from tests.helpers import golden
 
 
+@pytest.mark.oracle
 def test_outputs_are_byte_identical_to_the_recorded_ones(tmp_path):
     want = json.loads(golden.GOLDEN.read_text())
     want.update({case: new for case, (new, _) in golden.CHANGED_ON_PURPOSE.items()})

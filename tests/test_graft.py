@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import consumers as C
-from clipref import reference_and_sd1
-from fixtures import distinct_canonical, read_all, write_layout, write_multi
+from tests.helpers import consumers as C
+from tests.helpers.clipref import reference_and_sd1
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import InputError, UsageError, convert, make_plan
 from sdconv.converters.hashing import sha256_of
 
@@ -19,6 +19,7 @@ def ref_and_sd1(tmp_path_factory):
     return d, reference_and_sd1(d)
 
 
+@pytest.mark.oracle
 def test_graft_gives_the_reference_clip_text_features(ref_and_sd1, tmp_path):
     d, m = ref_and_sd1
     r = convert(d / "sd1.ckpt", tmp_path / "clip-l.safetensors", to="openai", from_="ldm",
@@ -40,6 +41,7 @@ def test_graft_gives_the_reference_clip_text_features(ref_and_sd1, tmp_path):
     assert any("grafted text_proj.weight, logit_scale" in n for n in r.plan.notes)
 
 
+@pytest.mark.oracle
 def test_graft_from_a_transformers_reference_transposes_by_itself(ref_and_sd1, tmp_path):
     d, m = ref_and_sd1
     convert(d / "ViT-tiny.pt", tmp_path / "ref-hf", to="hf")              # text_projection.weight [P, W]
@@ -51,6 +53,7 @@ def test_graft_from_a_transformers_reference_transposes_by_itself(ref_and_sd1, t
         torch.testing.assert_close(got[2], m.encode_text(C.token_ids()), atol=1e-5, rtol=0)
 
 
+@pytest.mark.oracle
 def test_width_mismatch_names_the_widths(ref_and_sd1, tmp_path):
     d, _ = ref_and_sd1
     other = write_layout(distinct_canonical(vocab=1000, width=64), tmp_path / "w64.safetensors", "openai")
@@ -58,6 +61,7 @@ def test_width_mismatch_names_the_widths(ref_and_sd1, tmp_path):
         make_plan(d / "sd1.ckpt", to="openai", projection=other)
 
 
+@pytest.mark.oracle
 def test_existing_projection_needs_replace(ref_and_sd1, tmp_path):
     d, _ = ref_and_sd1
     with pytest.raises(UsageError, match="already has a text projection"):
@@ -72,6 +76,7 @@ def test_bigg_graft_warns(tmp_path):
     assert any("trained and used by SDXL" in n for n in plan.notes)
 
 
+@pytest.mark.oracle
 def test_placeholder_reference_refused(ref_and_sd1, tmp_path):
     d, _ = ref_and_sd1
     canon = distinct_canonical(vocab=1000)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fixtures import (distinct_canonical, holdable, read_all, realkeys, sparse_safetensors, target_slot, write_layout,
+from tests.helpers.fixtures import (distinct_canonical, holdable, read_all, realkeys, sparse_safetensors, target_slot, write_layout,
                       write_multi)
 from sdconv.cli import main
 from sdconv.converters.writers import write_safetensors
@@ -124,6 +124,7 @@ def test_position_ids_health(tmp_path):
     assert position_ids_health(struct.pack("<3e", 0.0, 1.0, 2.0), "F16", 3)["status"] == "drifted"
 
 
+@pytest.mark.fullsize
 def test_full_size_real_keys_from_header_alone(tmp_path):
     """Real SDXL key names and shapes, 6.8 GB on paper: only the header and small tensors read."""
     keys = {**realkeys("CLIP-v1-SD.txt", "conditioner.embedders.0.transformer.text_model."),

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fixtures import distinct_canonical, read_all, write_layout
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout
 from sdconv import InputError, LayoutError, convert, make_plan
 
 
@@ -129,7 +129,7 @@ def test_unknown_key_under_prefix_is_an_error(tmp_path):
 # ---------------------------------------------------------------- several encoders
 
 def _xl(tmp_path, name="xl.safetensors"):
-    from fixtures import write_multi
+    from tests.helpers.fixtures import write_multi
     return write_multi(tmp_path / name, "sgm", {"clip_l": distinct_canonical(vocab=1000),
                                                              "clip_g": distinct_canonical(vocab=1000, seed=1)},
                        {"model.diffusion_model.x": torch.zeros(4)})
@@ -172,7 +172,7 @@ def test_encoder_all_into_multi_encoder_layout_is_one_output(tmp_path):
 
 def test_target_without_a_place_for_the_kind(tmp_path):
     from sdconv import UsageError
-    from fixtures import write_multi
+    from tests.helpers.fixtures import write_multi
     sd2 = write_multi(tmp_path / "sd2.safetensors", "ldm", {"clip_h": distinct_canonical(vocab=1000)})
     with pytest.raises(UsageError, match="sd3 has no place for a clip_h encoder"):
         make_plan(sd2, to="sd3")
@@ -182,7 +182,7 @@ def test_sd2_into_diffusers_is_lossy_and_says_so(tmp_path):
     import json
 
     from safetensors import safe_open
-    from fixtures import write_multi
+    from tests.helpers.fixtures import write_multi
     sd2 = write_multi(tmp_path / "sd2.safetensors", "ldm", {"clip_h": distinct_canonical(vocab=1000, layers=3)})
     r = convert(sd2, tmp_path / "pipe", to="diffusers")
     notes = " ".join(r.plan.notes)

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from sdconv.errors import MappingError, UsageError
-from fixtures import ALL_LAYOUTS
+from tests.helpers.fixtures import ALL_LAYOUTS
 from sdconv.converters.registry import BUILTIN_DIR, Registry
 
 GOOD = (BUILTIN_DIR / "openai.yaml").read_text()
@@ -109,7 +109,7 @@ def test_missing_required_canonical(tmp_path):
 
 def test_user_layout_from_yaml_only(tmp_path):
     """A new layout is a YAML file: here, an OpenAI-named encoder under a trainer's prefix."""
-    from fixtures import distinct_canonical, read_all, write_layout
+    from tests.helpers.fixtures import distinct_canonical, read_all, write_layout
 
     import torch
     from sdconv import convert
@@ -177,7 +177,7 @@ def test_user_layout_round_trips_with_every_builtin(tmp_path):
     """A layout from a temporary folder, A -> built-in B -> A, bitwise (less what B cannot hold)."""
     import torch
 
-    from fixtures import ALL_LAYOUTS, distinct_canonical, holdable, read_all, target_slot
+    from tests.helpers.fixtures import ALL_LAYOUTS, distinct_canonical, holdable, read_all, target_slot
     from sdconv import convert
     from sdconv.samples import write_canonical
     text = GOOD.replace("name: openai", "name: mytrainer").replace('prefix: ""', "prefix: model.text.") \

@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import consumers as C
+from tests.helpers import consumers as C
+
+pytestmark = pytest.mark.oracle
 
 KINDS = ("L", "G")
 TARGETS = ("openai", "open_clip", "ldm", "hf", "diffusers")

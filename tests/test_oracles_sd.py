@@ -17,9 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import consumers as C
-import consumers_sd as S
+from tests.helpers import consumers as C
+from tests.helpers import consumers_sd as S
 from sdconv import UsageError, convert, make_plans
+
+pytestmark = pytest.mark.oracle
 
 G_LAYERS = C.LAYERS          # the bigG-shaped and CLIP-L-shaped tiny references: 2 blocks
 H_LAYERS = 3                 # the SD2-style tiny reference: 3 blocks (diffusers keeps 2)
@@ -377,6 +379,7 @@ FULL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(FULL_CASES))
+@pytest.mark.fullsize
 def test_full_size_real_keys(full, tmp_path, case):
     fname, kw, layout, ident, heads, act, layers, width, proj, refname = FULL_CASES[case]
     out = tmp_path / "hf"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fixtures import distinct_canonical, read_all, write_multi
+from tests.helpers.fixtures import distinct_canonical, read_all, write_multi
 from sdconv.cli import main
 
 
@@ -20,10 +20,11 @@ def sd1_tensors(tmp_path_factory):
     return read_all(write_multi(d / "sd1.safetensors", "ldm", {"clip_l": distinct_canonical(vocab=1000)}))
 
 
-MAKE_LIGHTNING = f"""
+ROOT = Path(__file__).resolve().parents[1]
+# run from the repository root (cwd=ROOT), where `python -c` finds the tests package
+MAKE_LIGHTNING = """
 import sys, torch
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from lightning_ckpt import save_lightning_ckpt
+from tests.helpers.lightning_ckpt import save_lightning_ckpt
 save_lightning_ckpt(torch.load(sys.argv[1]), sys.argv[2], zip_format=sys.argv[3] == "zip")
 """
 
@@ -32,7 +33,8 @@ def _make_lightning(tmp_path, sd1_tensors, fmt):
     plain = tmp_path / "plain.pt"
     torch.save(sd1_tensors, plain)
     out = tmp_path / f"lightning-{fmt}.ckpt"
-    r = subprocess.run([sys.executable, "-c", MAKE_LIGHTNING, str(plain), str(out), fmt], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", MAKE_LIGHTNING, str(plain), str(out), fmt], capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 

@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 
 from sdconv import convert, make_plan
 
+pytestmark = pytest.mark.fullsize
+
 DATA = Path(__file__).parent / "data"
 
 

@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from fixtures import distinct_canonical, read_all, write_layout, write_multi
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import convert
 from sdconv.cli import main
 from sdconv.converters.writers import write_safetensors

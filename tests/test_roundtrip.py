@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from fixtures import (ALL_LAYOUTS, LAYOUTS, distinct_canonical, drop_last_blocks, holdable, read_all, target_slot,
+from tests.helpers.fixtures import (ALL_LAYOUTS, LAYOUTS, distinct_canonical, drop_last_blocks, holdable, read_all, target_slot,
                       write_layout)
 from sdconv import convert
 from sdconv.converters.registry import DEFAULT

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fixtures import distinct_canonical, read_all, write_layout
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout
 from sdconv.cli import main
 from sdconv.converters import sources, writers
 from sdconv.converters.pickles import PickleSource
@@ -144,6 +144,7 @@ def _rss_file_kib():
 
 
 @pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "negative-control"])
+@pytest.mark.fullsize
 def test_mapped_pages_are_dropped_as_tensors_are_read(tmp_path, monkeypatch, trim):
     """Reading 128 MiB of tensors through the map leaves only about TRIM_BYTES of it resident;
     with trimming off, all of it stays (the control shows the measure can see it)."""

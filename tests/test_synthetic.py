@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fixtures import distinct_canonical, write_layout
+from tests.helpers.fixtures import distinct_canonical, write_layout
 from sdconv.converters.folders import open_source
 from sdconv.converters.detect import read_layout
 from sdconv.converters.registry import DEFAULT

@@ -74,6 +74,7 @@ def rewrite(src, dst, change):
     return dst
 
 
+@pytest.mark.oracle
 def test_reads_like_jit(archive, no_jit):
     path, oracle = archive
     assert is_torchscript(path)
@@ -86,6 +87,7 @@ def test_reads_like_jit(archive, no_jit):
     assert got["ln_final.weight"].dtype == torch.float32
 
 
+@pytest.mark.oracle
 def test_plain_checkpoints_are_not_torchscript(tmp_path, archive):
     p = tmp_path / "sd.pt"
     torch.save(archive[1], p)
@@ -94,6 +96,7 @@ def test_plain_checkpoints_are_not_torchscript(tmp_path, archive):
     assert not is_torchscript(tmp_path / "x.pt")
 
 
+@pytest.mark.oracle
 def test_whole_tool(archive, tmp_path, no_jit):
     path, oracle = archive
     plan = make_plan(path, to="hf")
@@ -121,6 +124,7 @@ HOSTILE_PICKLE = f"cos\nsystem\n(S'touch {MARKER}'\ntR.".encode()
 
 
 @pytest.mark.parametrize("mode", ["prepend", "replace"])
+@pytest.mark.oracle
 def test_hostile_code_is_never_run(archive, tmp_path, monkeypatch, no_jit, mode):
     """code/ rewritten to run a command (prepended to the real code, or instead of it), and the
     other side files (constants.pkl, *.debug_pkl) swapped for os.system pickles: the tensors still
@@ -168,6 +172,7 @@ def _eval_p3():
     # a __torch__ class is inert, but what it is given still cannot import anything
     (lambda data: data.replace(b"ccollections\nOrderedDict\n", b"cbuiltins\nexec\n"), "builtins.exec"),
 ])
+@pytest.mark.oracle
 def test_hostile_globals_are_refused(archive, tmp_path, monkeypatch, no_jit, payload, named):
     path, _ = archive
     monkeypatch.chdir(tmp_path)
@@ -213,6 +218,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.oracle
 def test_damaged_archives(archive, tmp_path, monkeypatch, damage):
     path, _ = archive
     bad = DAMAGE[damage](path, tmp_path)

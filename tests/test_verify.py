@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from clipref import reference_and_sd1
+from tests.helpers.clipref import reference_and_sd1
 from sdconv import convert
 from sdconv.cli import main
 from sdconv.verification import verify
@@ -21,6 +21,7 @@ def _extract(d, tmp_path, name="clip-l.safetensors"):
     return tmp_path / name
 
 
+@pytest.mark.oracle
 def test_identical_in_fp32(tmp_path):
     reference_and_sd1(tmp_path)
     r = verify(_extract(tmp_path, tmp_path), tmp_path / "ViT-tiny.pt")
@@ -30,6 +31,7 @@ def test_identical_in_fp32(tmp_path):
             assert p[out] == {"cosine": pytest.approx(1.0, abs=1e-12), "max_abs": 0.0}
 
 
+@pytest.mark.oracle
 def test_equal_up_to_fp16_rounding(tmp_path):
     reference_and_sd1(tmp_path, dtype=torch.float16)
     r = verify(_extract(tmp_path, tmp_path), tmp_path / "ViT-tiny.pt")
@@ -39,6 +41,7 @@ def test_equal_up_to_fp16_rounding(tmp_path):
     assert min(p["projected"]["cosine"] for p in r["probes"]) > 0.9999
 
 
+@pytest.mark.oracle
 def test_fine_tuned_layer_is_pointed_at(tmp_path):
     def tweak(hf):
         g = torch.Generator().manual_seed(3)
@@ -52,12 +55,14 @@ def test_fine_tuned_layer_is_pointed_at(tmp_path):
     assert all(p["relative_drift"] == 0 for p in parts[1:])
 
 
+@pytest.mark.oracle
 def test_different_activation_is_a_difference(tmp_path):
     reference_and_sd1(tmp_path)
     r = verify(_extract(tmp_path, tmp_path), tmp_path / "ViT-tiny.pt", params_b={"act": "gelu"})
     assert r["verdict"].startswith("different settings") and r["exit_code"] == 1 and r["max_abs"] > 1e-4
 
 
+@pytest.mark.oracle
 def test_cli_text_json_and_exit_codes(tmp_path):
     reference_and_sd1(tmp_path)
     out = _extract(tmp_path, tmp_path)
@@ -70,8 +75,9 @@ def test_cli_text_json_and_exit_codes(tmp_path):
     assert res.exit_code == 1 and "different settings" in res.output
 
 
+@pytest.mark.oracle
 def test_prompts_with_a_tokenizer(tmp_path):
-    import consumers as C
+    from tests.helpers import consumers as C
     reference_and_sd1(tmp_path)
     tok_dir = tmp_path / "tok"
     C.clip_tokenizer().save_pretrained(tok_dir)
@@ -86,7 +92,7 @@ def test_prompts_with_a_tokenizer(tmp_path):
 
 
 def test_verify_reports_synthetic_weights(tmp_path):
-    from fixtures import distinct_canonical, write_layout
+    from tests.helpers.fixtures import distinct_canonical, write_layout
     canon = distinct_canonical(vocab=1000)
     fake = dict(canon, **{"text_proj.weight": torch.eye(128)})
     a = write_layout(canon, tmp_path / "a.safetensors", "comfy")

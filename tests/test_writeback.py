@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fixtures import distinct_canonical, read_all, write_layout, write_multi
+from tests.helpers.fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import UsageError, convert
 from sdconv.converters.writers import write_safetensors
 from sdconv.writeback import write_back

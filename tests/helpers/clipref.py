@@ -1,7 +1,7 @@
 """A tiny OpenAI CLIP reference and SD1.x checkpoints holding its text tower (graft, verify)."""
 import torch
 
-import consumers as C
+from tests.helpers import consumers as C
 
 
 def oc_to_hf(oc: dict) -> dict:

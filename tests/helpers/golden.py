@@ -7,8 +7,9 @@ covers every file an output consists of: safetensors and JSON files byte for byt
 files by their tensors (keys, dtypes, shapes, bytes, in order), since torch.save writes a random
 serialization id; dry runs by their printed text.
 
-Run as a script to record the digests (tests/data/golden_outputs.json) from the current code:
-    python tests/golden.py --record
+Run as a module, from the repository root, to record the digests (tests/data/golden_outputs.json)
+from the current code (without --record it prints them):
+    python -m tests.helpers.golden --record
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-GOLDEN = Path(__file__).parent / "data" / "golden_outputs.json"
+GOLDEN = Path(__file__).parents[1] / "data" / "golden_outputs.json"
 
 # Outputs changed on purpose since the digests were recorded: case -> (new digest, why).
 CHANGED_ON_PURPOSE = {
@@ -91,7 +92,7 @@ def make_inputs(d: Path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from consumers import openai_model, seeded_randn_
+    from tests.helpers.consumers import openai_model, seeded_randn_
 
     run(d, "sample sd1.safetensors --layout ldm --preset tiny --seed 1 --dtype fp32")
     run(d, "sample oc.safetensors --layout open_clip --preset tiny --seed 2 --dtype fp16")
@@ -167,8 +168,7 @@ def build(d: Path) -> dict:
 
 if __name__ == "__main__":
     import tempfile
-    sys.path.insert(0, str(Path(__file__).parent))
-    import conftest  # noqa: F401  (the torchvision stub, offline settings)
+    import tests.conftest  # noqa: F401  (the torchvision stub, offline settings)
     with tempfile.TemporaryDirectory() as tmp:
         got = build(Path(tmp))
     if "--record" in sys.argv:

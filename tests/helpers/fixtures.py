@@ -135,7 +135,7 @@ def realkeys(name: str, prefix: str, dtype: str = "F16") -> dict:
     """{prefix + key: (shape, dtype)} from a key list of real checkpoints (tests/data)."""
     from pathlib import Path
     out = {}
-    for line in (Path(__file__).parent / "data" / name).read_text().splitlines():
+    for line in (Path(__file__).parents[1] / "data" / name).read_text().splitlines():
         key, shape = line.rsplit(" ", 1)
         dims = [int(x) for x in shape.strip("[]").split(",") if x]
         out[prefix + key] = (dims, "I64" if key.endswith("position_ids") else dtype)

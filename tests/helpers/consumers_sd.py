@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-import consumers as C
+from tests.helpers import consumers as C
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 # prefixes (LAYOUTS.md §3.6-3.9, §6)
 SD2_PREFIX = "cond_stage_model.model."
