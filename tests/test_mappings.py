@@ -203,3 +203,83 @@ def test_user_layout_round_trips_with_every_builtin(tmp_path):
         want, got = read_all(ref), read_all(back)
         assert set(got) == set(want), b
         assert all(torch.equal(got[k], want[k]) for k in want), b
+
+
+# ---------------------------------------------------------------- only what the engine serves
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from sdconv.cli import main
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def _refused(code, text, *needles):
+    """Exit 2, one line, no traceback, and the needles in it."""
+    lines = [ln for ln in text.strip().splitlines() if ln]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("sdconv: error: "), text
+    assert "Traceback" not in text
+    for n in needles:
+        assert n in lines[0], (n, text)
+
+
+FOLDER_LAYOUT = """schema: 1
+kind: layout
+name: mine
+family: clip_text
+description: a folder of one encoder and its config
+output: folder
+folder_weights: {safetensors: model.safetensors, pt: pytorch_model.bin}
+encoders:
+  clip:
+    prefix: ""
+    naming: hf
+    omit: [logit_scale]
+    config: {file: config.json, format: hf_clip_text}
+"""
+
+
+@pytest.mark.parametrize("fmt", ["open_clip", "hf_clip"])
+def test_a_whole_clip_config_format_on_an_encoder_slot_is_refused(tmp_path, fmt):
+    """open_clip and hf_clip configs describe a whole CLIP (the engine writes them only with
+    --with-vision): an encoder slot naming one is refused by every command that loads it,
+    instead of crashing the engine when it reads or writes the config."""
+    from sdconv.converters.configs import SLOT_FORMATS
+
+    from fixtures import distinct_canonical, write_layout
+    text = FOLDER_LAYOUT.replace("format: hf_clip_text", f"format: {fmt}")
+    _, path = _registry_with(tmp_path, "mine", text)
+    maps = path.parent
+    where = f"{path}:{_line_of(text, 'format:')}: config format {fmt!r}"
+    _refused(*_cli("layouts", "check", path), where, *SLOT_FORMATS)
+    src = write_layout(distinct_canonical(), tmp_path / "sd1.safetensors", "ldm")
+    _refused(*_cli("--mappings", maps, "convert", src, "-o", tmp_path / "out", "--to", "mine"), where)
+    assert not (tmp_path / "out").exists()
+    _refused(*_cli("--mappings", maps, "inspect", src, "--from", "mine"), where)
+    code, listing = _cli("--mappings", maps, "layouts")              # flagged; the others still listed
+    assert code == 0 and any(ln.split()[:2] == ["mine", "BROKEN"] and where in ln for ln in listing.splitlines())
+    assert [ln.split()[0] for ln in listing.splitlines()] == sorted([*ALL_LAYOUTS, "mine"])
+    code, report = _cli("--mappings", maps, "inspect", src)           # detection skips the broken file
+    assert code == 0 and "ldm" in report, report
+
+
+def test_an_encoder_config_format_under_vision_is_refused(tmp_path):
+    """hf_clip_text describes one text encoder: a whole CLIP's config (vision: config) cannot be one."""
+    from sdconv.converters.configs import CLIP_FORMATS
+    text = (BUILTIN_DIR / "hf.yaml").read_text().replace("name: hf", "name: mine") \
+        .replace("format: hf_clip}", "format: hf_clip_text}")
+    _, path = _registry_with(tmp_path, "mine", text)
+    line = max(i for i, ln in enumerate(text.splitlines(), 1) if "format: hf_clip_text" in ln)    # the vision one
+    assert line > _line_of(text, "vision:")
+    _refused(*_cli("layouts", "check", path), f"{path}:{line}: config format 'hf_clip_text'", *CLIP_FORMATS)
+
+
+def test_an_unknown_config_format_names_the_valid_ones(tmp_path):
+    text = FOLDER_LAYOUT.replace("format: hf_clip_text", "format: hf_clip_txt")
+    _, path = _registry_with(tmp_path, "mine", text)
+    _refused(*_cli("layouts", "check", path), f"{path}:{_line_of(text, 'format:')}: unknown config format 'hf_clip_txt'",
+             "did you mean 'hf_clip_text'?")
+    _, path = _registry_with(tmp_path, "mine", FOLDER_LAYOUT)           # and the right one passes
+    code, out = _cli("layouts", "check", path)
+    assert code == 0 and out.startswith("ok: "), out

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .configs import CLIP_FORMATS, SLOT_FORMATS
 from .errors import MappingError
 from .schema_rows import (At, Parsed, as_dict, flag, listed, mapping, named, number, obj, one_of, parse_object,
                           row, rows, string_set, strings, text, then, whole)
@@ -25,7 +26,6 @@ from .yamlload import load_yaml
 SCHEMA_VERSION = 1
 LAYER = "<layer>"
 _PLACEHOLDER = re.compile(r"<[^>]*>|\{[^}]*\}")
-CONFIG_FORMATS = ("hf_clip_text", "hf_clip", "open_clip")
 OUTPUTS = ("file", "folder")
 
 
@@ -90,6 +90,22 @@ def _preset_value(v, at: At):
 
 
 _transform = one_of(TRANSFORMS, "transform")
+
+
+def _config_format(served: dict, here: str, other: dict, there: str):
+    """A config format that `here` serves (configs.py); one that serves `there` is named so."""
+    def check(v, at: At) -> str:
+        if isinstance(v, str) and v in served:
+            return v
+        hint = f"{here} takes {', '.join(served)}"
+        if isinstance(v, str) and v in other:
+            raise at.error(f"config format {v!r} serves {there}, not {here}", hint)
+        near = difflib.get_close_matches(str(v), list(served), n=1)
+        raise at.error(f"unknown config format {v!r}", (f"did you mean {near[0]!r}? " if near else "") + hint)
+    return check
+
+
+_SLOT, _CLIP = "an encoder slot", "a whole CLIP (vision: config)"
 
 
 # ---------------------------------------------------------------- family
@@ -181,7 +197,13 @@ class Alias(Parsed):
 @dataclass(frozen=True)
 class ConfigSpec(Parsed):
     file: str = row(text)                   # relative to the slot's folder
-    format: str = row(one_of(CONFIG_FORMATS, "config format"))
+    format: str = row(_config_format(SLOT_FORMATS, _SLOT, CLIP_FORMATS, _CLIP))
+
+
+@dataclass(frozen=True)
+class VisionConfig(ConfigSpec):
+    """A whole CLIP's config: the same fields, the formats that serve a whole CLIP."""
+    format: str = row(_config_format(CLIP_FORMATS, _CLIP, SLOT_FORMATS, _SLOT))
 
 
 @dataclass(frozen=True)
@@ -231,7 +253,7 @@ class VisionSpec(Parsed):
     scope: tuple[str, ...] = row(strings)
     output: str = row(one_of(OUTPUTS))
     weights: dict = row(then(obj(Weights, "vision weights"), as_dict), default={})   # folder outputs: format -> file
-    config: ConfigSpec | None = row(obj(ConfigSpec, "vision config"), default=None)
+    config: ConfigSpec | None = row(obj(VisionConfig, "vision config"), default=None)
 
 
 def _encoders(v, at: At) -> dict:
