@@ -72,15 +72,11 @@ def _file_name(v, at: At) -> str:
     return name
 
 
-def _header(kind: str) -> dict:
-    def schema(v, at: At):
-        if v != SCHEMA_VERSION:
-            raise at.error(f"unsupported schema {v!r}", f"this sdconv reads schema {SCHEMA_VERSION}")
-
-    def kind_(v, at: At):
-        if v != kind:
-            raise at.error(f"expected kind {kind!r}, found {v!r}")
-    return {"schema": schema, "kind": kind_}
+def _equals(want, message: str, hint: str | None = None):
+    def check(v, at: At):
+        if v != want:
+            raise at.error(message.format(v), hint)
+    return check
 
 
 def _preset_value(v, at: At):
@@ -92,20 +88,9 @@ def _preset_value(v, at: At):
 _transform = one_of(TRANSFORMS, "transform")
 
 
-def _config_format(served: dict, here: str, other: dict, there: str):
-    """A config format that `here` serves (configs.py); one that serves `there` is named so."""
-    def check(v, at: At) -> str:
-        if isinstance(v, str) and v in served:
-            return v
-        hint = f"{here} takes {', '.join(served)}"
-        if isinstance(v, str) and v in other:
-            raise at.error(f"config format {v!r} serves {there}, not {here}", hint)
-        near = difflib.get_close_matches(str(v), list(served), n=1)
-        raise at.error(f"unknown config format {v!r}", (f"did you mean {near[0]!r}? " if near else "") + hint)
-    return check
-
-
 _SLOT, _CLIP = "an encoder slot", "a whole CLIP (vision: config)"
+_slot_format = one_of(SLOT_FORMATS, "config format", here=_SLOT, elsewhere=CLIP_FORMATS, there=_CLIP)
+_clip_format = one_of(CLIP_FORMATS, "config format", here=_CLIP, elsewhere=SLOT_FORMATS, there=_SLOT)
 
 
 # ---------------------------------------------------------------- family
@@ -197,13 +182,13 @@ class Alias(Parsed):
 @dataclass(frozen=True)
 class ConfigSpec(Parsed):
     file: str = row(text)                   # relative to the slot's folder
-    format: str = row(_config_format(SLOT_FORMATS, _SLOT, CLIP_FORMATS, _CLIP))
+    format: str = row(_slot_format)
 
 
 @dataclass(frozen=True)
 class VisionConfig(ConfigSpec):
     """A whole CLIP's config: the same fields, the formats that serve a whole CLIP."""
-    format: str = row(_config_format(CLIP_FORMATS, _CLIP, SLOT_FORMATS, _SLOT))
+    format: str = row(_clip_format)
 
 
 @dataclass(frozen=True)
@@ -301,7 +286,9 @@ def _guarded(parse):
 
 def _parse_file(cls, path, kind: str):
     d = load_yaml(path)
-    return parse_object(cls, d, At(path, d.line, kind), header=_header(kind), path=Path(path)), d
+    header = {"schema": _equals(SCHEMA_VERSION, "unsupported schema {!r}", f"this sdconv reads schema {SCHEMA_VERSION}"),
+              "kind": _equals(kind, f"expected kind {kind!r}, found {{!r}}")}
+    return parse_object(cls, d, At(path, d.line, kind), header=header, path=Path(path)), d
 
 
 @_guarded

@@ -158,15 +158,19 @@ def string_set(v, at: At) -> frozenset:
     return frozenset(strings(v, at))
 
 
-def one_of(choices, noun: str | None = None) -> Callable:
-    """A closed vocabulary. With a noun: "unknown <noun> 'x'" and the nearest valid word."""
+def one_of(choices, noun: str | None = None, *, here: str = "", elsewhere=(), there: str = "") -> Callable:
+    """A closed vocabulary. With a noun: "unknown <noun> 'x'" and the nearest valid word; a word
+    of the vocabulary `elsewhere` (that serves `there`, not `here`) is named as such."""
     def check(v, at: At):
         if isinstance(v, str) and v in choices:
             return v
         if noun is None:
             raise at.error(f"{at.what} must be {' or '.join(map(repr, choices))}, found {v!r}")
+        known = f"{here} takes {', '.join(choices)}" if here else f"known: {', '.join(choices)}"
+        if isinstance(v, str) and v in elsewhere:
+            raise at.error(f"{noun} {v!r} serves {there}, not {here}", known)
         near = difflib.get_close_matches(str(v), list(choices), n=1)
-        raise at.error(f"unknown {noun} {v!r}", f"did you mean {near[0]!r}?" if near else f"known: {', '.join(choices)}")
+        raise at.error(f"unknown {noun} {v!r}", (f"did you mean {near[0]!r}? " if near else "") + known)
     return check
 
 
