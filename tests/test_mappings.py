@@ -283,3 +283,52 @@ def test_an_unknown_config_format_names_the_valid_ones(tmp_path):
     _, path = _registry_with(tmp_path, "mine", FOLDER_LAYOUT)           # and the right one passes
     code, out = _cli("layouts", "check", path)
     assert code == 0 and out.startswith("ok: "), out
+
+
+def _mine(layout):
+    return (BUILTIN_DIR / f"{layout}.yaml").read_text().replace(f"name: {layout}", "name: mine")
+
+
+FAMILY = (BUILTIN_DIR / "family" / "clip_text.yaml").read_text() + "overrides: true\n"
+# case: (file in the mapping folder, its text, replaced, replacement, what the error says, other files)
+UNSERVED = {
+    # plan.resolve_params reads heads and act; an act must be one the family (and the engine) has
+    "slot act sdconv lacks": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{act: relu}",
+                              "unknown activation 'relu'", {}),
+    "slot act the family lacks": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{act: gelu}",
+                                  "encoder clip: activation 'gelu' is not one of ['quick_gelu']",
+                                  {"family/clip_text.yaml": FAMILY.replace("choices: [quick_gelu, gelu]", "choices: [quick_gelu]")
+                                   .replace("act: gelu}", "act: quick_gelu}")}),
+    "slot encoder param": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{encoder: clip_l}",
+                           "unknown field 'encoder' in encoder clip params", {}),
+    "slot heads 0": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{heads: 0}", "heads must be a whole number", {}),
+    # families: the engine writes a buffer as its synthesizer makes it, computes two activations,
+    # and `sdconv sample` needs every size, the layers, heads and act of a preset
+    "buffer dtype": ("family/clip_text.yaml", FAMILY, "dtype: int64", "dtype: float32",
+                     "buffer position_ids: synthesizer 'arange' makes int64, not float32", {}),
+    "family activation": ("family/clip_text.yaml", FAMILY, "choices: [quick_gelu, gelu]", "choices: [quick_gelu, gelu, relu]",
+                          "unknown activation 'relu'", {}),
+    "preset without a size": ("family/clip_text.yaml", FAMILY, "tiny:      {vocab: 49408, context: 77, width: 128, ffn: 512,",
+                              "tiny:      {vocab: 49408, context: 77, width: 128,", "preset tiny lacks the required field 'ffn'", {}),
+    "preset with a typo": ("family/clip_text.yaml", FAMILY, "tiny:      {vocab: 49408, context: 77, width: 128,",
+                           "tiny:      {vocab: 49408, context: 77, widht: 128,", "did you mean 'width'?", {}),
+    "preset heads": ("family/clip_text.yaml", FAMILY, "layers: 2, heads: 2,", "layers: 2, heads: two,",
+                     "preset tiny heads must be a whole number", {}),
+    "sample value": ("family/clip_text.yaml", FAMILY, "sample: 4.6052", "sample: ln100",
+                     "tensor logit_scale sample must be a number", {}),
+}
+
+
+@pytest.mark.parametrize("case", UNSERVED)
+def test_a_value_the_engine_cannot_serve_is_refused(tmp_path, case):
+    """Each of these passed `layouts check` and then crashed the engine, was ignored, or was
+    misread; now the check names the file and line."""
+    rel, text, old, new, says, others = UNSERVED[case]
+    assert text.count(old) == 1, old
+    text = text.replace(old, new)
+    maps = tmp_path / "maps"
+    for name, content in {rel: text, **others}.items():
+        (maps / name).parent.mkdir(parents=True, exist_ok=True)
+        (maps / name).write_text(content)
+    path = maps / rel
+    _refused(*_cli("layouts", "check", path), f"{path}:{_line_of(text, new)}: ", says)

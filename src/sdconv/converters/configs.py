@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from typing import Callable, NamedTuple
 
+# The activations sdconv serves: the reference forward pass computes them (forward.py) and every
+# config format can say them (open_clip's has a single quick_gelu flag).
+ACTIVATIONS = ("quick_gelu", "gelu")
+
 HF_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 

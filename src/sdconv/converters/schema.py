@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .configs import CLIP_FORMATS, SLOT_FORMATS
+from .configs import ACTIVATIONS, CLIP_FORMATS, SLOT_FORMATS
 from .errors import MappingError
-from .schema_rows import (At, Parsed, as_dict, flag, listed, mapping, named, number, obj, one_of, parse_object,
-                          row, rows, string_set, strings, text, then, whole)
+from .schema_rows import (At, Parsed, as_dict, check_fields, flag, guarded, listed, mapping, named, number, obj, one_of,
+                          parse_object, row, rows, string_set, strings, text, then, whole)
 from .transforms import SYNTHESIZERS, TRANSFORMS
 from .yamlload import load_yaml
 
@@ -79,13 +79,25 @@ def _equals(want, message: str, hint: str | None = None):
     return check
 
 
-def _preset_value(v, at: At):
-    if isinstance(v, (str, int)) and not isinstance(v, bool):
-        return v
-    raise at.error(f"{at.what} must be a string or a whole number, found {v!r}")
+def _check_presets(fam: "Family", d):
+    """A preset (for `sdconv sample`) gives each size the family's tensors need, the number of
+    layers, and the Params (heads, act)."""
+    needed = {s for t in fam.tensors if not t.optional for s in t.shape if isinstance(s, str)}
+    allowed = {**{s: s in needed for t in fam.tensors for s in t.shape if isinstance(s, str)}, "layers": True,
+               **{n: True for n, _, _ in rows(Params)}}
+    checks = {n: r.check for n, _, r in rows(Params)}
+    for pname, p in fam.presets.items():
+        raw = d["presets"][pname]
+        at = At(fam.path, d["presets"].line_of(pname), f"preset {pname}")
+        check_fields(raw, allowed, at)
+        for k, v in p.items():
+            checks.get(k, whole(1))(v, at.to(raw.line_of(k), f"{at.what} {k}"))
+        if p["act"] not in fam.act_choices:
+            raise at.error(f"{at.what}: activation {p['act']!r} is not one of {list(fam.act_choices)}")
 
 
 _transform = one_of(TRANSFORMS, "transform")
+_act = one_of(ACTIVATIONS, "activation")
 
 
 _SLOT, _CLIP = "an encoder slot", "a whole CLIP (vision: config)"
@@ -129,12 +141,12 @@ class Family(Parsed):
     tensors: tuple[TensorSpec, ...] = row(named(TensorSpec, "tensor {}", key=lambda k, at: _template(text(k, at), at, "tensors"),
                                                 shorthand=(list, "shape"), into=tuple))
     head_width: int = row(whole(1), yaml="params.heads.head_width")
-    act_choices: tuple[str, ...] = row(strings, yaml="params.act.choices")
+    act_choices: tuple[str, ...] = row(listed(_act), yaml="params.act.choices")
     act_default: str = row(text, yaml="params.act.default")
     path: Path
     buffers: dict = row(named(BufferSpec, "buffer {}"), default={})
     kinds: dict = row(named(Kind, "kind {}"), default={})       # kind name -> Kind
-    presets: dict = row(mapping(mapping(_preset_value)), default={})
+    presets: dict = row(mapping(mapping(lambda v, at: v)), default={})     # checked against the tensors
     overrides: bool = row(flag, default=False)
 
     def kind_by_width(self, width):
@@ -200,10 +212,10 @@ class Weights:
 
 @dataclass(frozen=True)
 class Params:
-    """What a layout may say of an encoder that its weights cannot."""
+    """What a layout may say of an encoder that its weights cannot: the defaults that
+    plan.resolve_params reads (act is held to the family's choices when the layout is resolved)."""
     heads: int | None = row(whole(1), default=None)
-    act: str | None = row(text, default=None)
-    encoder: str | None = row(text, default=None)
+    act: str | None = row(_act, default=None)
 
 
 @dataclass(frozen=True)
@@ -266,24 +278,6 @@ class Layout(Parsed):
 
 # ---------------------------------------------------------------- parsers
 
-def _guarded(parse):
-    """A structure the checks above did not foresee (a list where a mapping belongs, a number
-    where a name belongs) is still a MappingError naming the file, never a traceback."""
-    import functools
-
-    @functools.wraps(parse)
-    def wrapper(path, *args):
-        try:
-            return parse(path, *args)
-        except MappingError:
-            raise
-        except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
-            raise MappingError(path, 0, f"malformed {parse.__name__.replace('parse_', '')} file "
-                                        f"({type(e).__name__}: {e})",
-                               "compare it with a built-in mapping file, or run `sdconv layouts`")
-    return wrapper
-
-
 def _parse_file(cls, path, kind: str):
     d = load_yaml(path)
     header = {"schema": _equals(SCHEMA_VERSION, "unsupported schema {!r}", f"this sdconv reads schema {SCHEMA_VERSION}"),
@@ -291,7 +285,7 @@ def _parse_file(cls, path, kind: str):
     return parse_object(cls, d, At(path, d.line, kind), header=header, path=Path(path)), d
 
 
-@_guarded
+@guarded
 def parse_family(path) -> Family:
     fam, d = _parse_file(Family, path, "family")
     choices = list(fam.act_choices)
@@ -300,10 +294,15 @@ def parse_family(path) -> Family:
     for k in fam.kinds.values():
         if k.act not in choices:
             raise MappingError(path, k.lines["act"], f"activation {k.act!r} is not one of {choices}")
+    for b in fam.buffers.values():
+        if b.dtype != SYNTHESIZERS[b.synthesize]:      # the engine writes what the synthesizer makes
+            raise MappingError(path, b.lines["dtype"], f"buffer {b.name}: synthesizer {b.synthesize!r} makes "
+                                                       f"{SYNTHESIZERS[b.synthesize]}, not {b.dtype}")
+    _check_presets(fam, d)
     return fam
 
 
-@_guarded
+@guarded
 def parse_naming(path, family: Family) -> Naming:
     naming, d = _parse_file(Naming, path, "naming")
     seen = {}
@@ -339,7 +338,7 @@ def _weights_named(weights: dict, at: At):
             raise at.error(f"{at.what} lacks the required field {k!r}")
 
 
-@_guarded
+@guarded
 def parse_layout(path) -> Layout:
     lay, d = _parse_file(Layout, path, "layout")
     if lay.output == "folder":

@@ -101,6 +101,30 @@ def parse_object(cls, d, at: At, *, header: dict | None = None, require=(), **gi
     return cls(**values)
 
 
+def check_fields(d, allowed: dict, at: At):
+    """Unknown and missing keys of a mapping whose fields are known only at run time
+    (allowed: name -> required)."""
+    _check_keys(d, {k: [required, None] for k, required in allowed.items()}, at, top=False)
+
+
+def guarded(parse):
+    """A structure the checks did not foresee (a list where a mapping belongs, a number where a
+    name belongs) is still a MappingError naming the file, never a traceback."""
+    import functools
+
+    @functools.wraps(parse)
+    def wrapper(path, *args):
+        try:
+            return parse(path, *args)
+        except MappingError:
+            raise
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
+            raise MappingError(path, 0, f"malformed {parse.__name__.replace('parse_', '')} file "
+                                        f"({type(e).__name__}: {e})",
+                               "compare it with a built-in mapping file, or run `sdconv layouts`")
+    return wrapper
+
+
 def _check_keys(d, tree: dict, at: At, top: bool, trail=()):
     """Unknown keys (suggesting the nearest), then missing required ones, level by level."""
     where = ".".join(trail) if trail and top else " ".join((at.what, ".".join(trail))) if trail else at.what
