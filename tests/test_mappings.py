@@ -290,6 +290,21 @@ def _mine(layout):
 
 
 FAMILY = (BUILTIN_DIR / "family" / "clip_text.yaml").read_text() + "overrides: true\n"
+NO_LOGIT_SCALE = "".join(ln for ln in (BUILTIN_DIR / "naming" / "hf.yaml").read_text().splitlines(True)
+                         if "logit_scale" not in ln).replace("name: hf", "name: hf_nols")
+ALTERNATE_ONLY = """schema: 1
+kind: layout
+name: mine
+family: clip_text
+description: an alternate spelling of a tensor its naming does not map
+output: file
+encoders:
+  clip:
+    prefix: ""
+    naming: hf_nols
+    alternates:
+      - {canonical: text_proj.weight, key: text_projection, transform: transpose}
+"""
 # case: (file in the mapping folder, its text, replaced, replacement, what the error says, other files)
 UNSERVED = {
     # plan.resolve_params reads heads and act; an act must be one the family (and the engine) has
@@ -302,6 +317,38 @@ UNSERVED = {
     "slot encoder param": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{encoder: clip_l}",
                            "unknown field 'encoder' in encoder clip params", {}),
     "slot heads 0": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{heads: 0}", "heads must be a whole number", {}),
+    # a bare string was read as a list of its characters
+    "ignore as a string": ("mine.yaml", _mine("openai"), "ignore: [visual., input_resolution, context_length, vocab_size]",
+                           "ignore: visual.", "ignore must be a list of strings", {}),
+    "omit as a string": ("mine.yaml", _mine("diffusers"), "omit: [text_proj.weight, logit_scale]",
+                         "omit: logit_scale", "omit must be a list of strings", {}),
+    "components as a string": ("mine.yaml", _mine("ldm"), "unet: [model.diffusion_model.]", "unet: model.diffusion_model.",
+                               "components unet must be a list of strings", {}),
+    "sample extra with a symbol": ("mine.yaml", _mine("ldm"), "alphas_cumprod: [1000]", "alphas_cumprod: [steps]",
+                                   "a shape here is a list of sizes", {}),
+    # plan_read reads an alternate as one key for one flat tensor the naming maps
+    "alternate of three tensors": ("mine.yaml", _mine("comfy"), "transform: transpose}", "transform: split_qkv}",
+                                   "transform 'split_qkv' makes 3 canonical tensor(s) from 1 key(s)", {}),
+    "alternate in the blocks": ("mine.yaml", _mine("comfy"), "{canonical: text_proj.weight, key: text_projection,",
+                                "{canonical: blk.<layer>.attn_q.weight, key: q.<layer>,", "uses <layer>", {}),
+    "alternate the naming lacks": ("mine.yaml", ALTERNATE_ONLY, "canonical: text_proj.weight", "canonical: logit_scale",
+                                   "alternate for 'logit_scale', which naming hf_nols does not map",
+                                   {"naming/hf_nols.yaml": NO_LOGIT_SCALE}),
+    # files are written beside the weights and read back from there
+    "config file outside": ("mine.yaml", _mine("hf"), "config: {file: config.json, format: hf_clip_text}",
+                            "config: {file: ../config.json, format: hf_clip_text}", "config file must be a file name", {}),
+    "config file in a sub-folder": ("mine.yaml", _mine("hf"), "config: {file: config.json, format: hf_clip_text}",
+                                    "config: {file: cfg/config.json, format: hf_clip_text}", "config file must be a file name", {}),
+    "weights file of the wrong format": ("mine.yaml", _mine("diffusers"), "pt: pytorch_model.bin}", "pt: model.safetensors}",
+                                         "folder_weights pt must be a file name ending in .ckpt", {}),
+    "weights file outside": ("mine.yaml", _mine("diffusers"), "{safetensors: model.safetensors,",
+                             "{safetensors: /tmp/model.safetensors,", "folder_weights safetensors must be a file name", {}),
+    "vision weights file outside": ("mine.yaml", _mine("open_clip"), "weights: {safetensors: open_clip_model.safetensors,",
+                                    "weights: {safetensors: ../open_clip_model.safetensors,", "vision weights safetensors", {}),
+    "prefix two folders down": ("mine.yaml", _mine("diffusers"), "prefix: text_encoder_2/", "prefix: a/text_encoder_2/",
+                                "only one plain folder name may come before '/'", {}),
+    "prefix outside": ("mine.yaml", _mine("diffusers"), "prefix: text_encoder_2/", "prefix: ../text_encoder_2/",
+                       "only one plain folder name may come before '/'", {}),
     # families: the engine writes a buffer as its synthesizer makes it, computes two activations,
     # and `sdconv sample` needs every size, the layers, heads and act of a preset
     "buffer dtype": ("family/clip_text.yaml", FAMILY, "dtype: int64", "dtype: float32",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .configs import ACTIVATIONS, CLIP_FORMATS, SLOT_FORMATS
+from .containers import PICKLE_EXT, SAFETENSORS_EXT
 from .errors import MappingError
 from .schema_rows import (At, Parsed, as_dict, check_fields, flag, guarded, listed, mapping, named, number, obj, one_of,
                           parse_object, row, rows, string_set, strings, text, then, whole)
@@ -59,6 +60,28 @@ def _sizes(v, at: At) -> tuple[int, ...]:
     if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
         raise at.error(f"{at.what}: a shape here is a list of sizes (whole numbers), found {v!r}")
     return tuple(v)
+
+
+def _plain(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\")
+
+
+def _file(*suffixes: str):
+    """A file that sdconv writes in an output folder and reads back: a plain name (with the
+    suffix its format is read by)."""
+    def check(v, at: At) -> str:
+        if not _plain(text(v, at)) or (suffixes and not v.endswith(suffixes)):
+            raise at.error(f"{at.what} must be a file name" + (f" ending in {' or '.join(suffixes)}" if suffixes else "")
+                           + f", found {v!r}", "a plain name: the file sits beside the weights, in the output folder")
+        return v
+    return check
+
+
+def _prefix(v, at: At) -> str:
+    if "/" in text(v, at) and not _plain(v.rsplit("/", 1)[0]):
+        raise at.error(f"{at.what} {v!r}: only one plain folder name may come before '/'",
+                       "sdconv writes and reads a folder's weights at its root or one folder down")
+    return v
 
 
 def _file_name(v, at: At) -> str:
@@ -193,7 +216,7 @@ class Alias(Parsed):
 
 @dataclass(frozen=True)
 class ConfigSpec(Parsed):
-    file: str = row(text)                   # relative to the slot's folder
+    file: str = row(_file())                # in the slot's folder
     format: str = row(_slot_format)
 
 
@@ -206,8 +229,8 @@ class VisionConfig(ConfigSpec):
 @dataclass(frozen=True)
 class Weights:
     """A folder output's weights file, per format."""
-    safetensors: str | None = row(text, default=None)
-    pt: str | None = row(text, default=None)
+    safetensors: str | None = row(_file(*SAFETENSORS_EXT), default=None)
+    pt: str | None = row(_file(*PICKLE_EXT), default=None)
 
 
 @dataclass(frozen=True)
@@ -221,14 +244,14 @@ class Params:
 @dataclass(frozen=True)
 class Slot(Parsed):
     name: str                               # a kind (clip_l, clip_h, clip_g) or a generic name such as clip
-    prefix: str = row(text)                 # where the slot is written, and read
+    prefix: str = row(_prefix)              # where the slot is written, and read
     naming: str = row(text)
     aliases: tuple[Alias, ...] = row(listed(obj(Alias, "alias")), default=())
     omit: frozenset = row(string_set, default=frozenset())
     buffers: frozenset = row(string_set, default=frozenset())
     params: dict = row(then(obj(Params), as_dict), default={})
     config: ConfigSpec | None = row(obj(ConfigSpec, "config"), default=None)
-    read_prefixes: tuple[str, ...] = row(strings, default=())   # other places the slot is found in files (read only)
+    read_prefixes: tuple[str, ...] = row(listed(_prefix), default=())   # other places the slot is found in files (read only)
     ignore: tuple[str, ...] = row(strings, default=())          # stray keys under the prefix, skipped with a note
     alternates: tuple[Entry, ...] = row(listed(obj(Entry, "alternate", require=("transform",))), default=())
     drop_last_layers: int = row(whole(0), default=0)            # the layout stores this many fewer blocks ...
@@ -333,9 +356,23 @@ def parse_naming(path, family: Family) -> Naming:
 
 
 def _weights_named(weights: dict, at: At):
-    for k, _, _ in rows(Weights):
-        if k not in weights:
-            raise at.error(f"{at.what} lacks the required field {k!r}")
+    names = [k for k, _, _ in rows(Weights)]
+    missing = [k for k in names if k not in weights]
+    if missing:
+        raise at.error(f"{at.what} lacks the required field {missing[0]!r}" if weights else
+                       f"output: folder needs {at.what}", f"a file name for each format: {', '.join(names)}")
+
+
+def _check_alternate(a: Entry, at: At):
+    """What plan_read serves: another spelling of one tensor outside the blocks, read one to one."""
+    t = TRANSFORMS[a.transform]
+    if len(a.canonical) != 1:
+        raise at.error(f"{at.what} names {len(a.canonical)} canonical tensors", "an alternate spells one tensor")
+    if LAYER in a.canonical[0] or LAYER in a.key:
+        raise at.error(f"{at.what} for {a.canonical[0]!r} uses <layer>", "alternates are read only outside the blocks")
+    if (t.n_keys, t.n_canonical) != (1, 1):
+        raise at.error(f"{at.what}: transform {a.transform!r} makes {t.n_canonical} canonical tensor(s) from "
+                       f"{t.n_keys} key(s)", "an alternate reads one key as one tensor")
 
 
 @guarded
@@ -348,6 +385,8 @@ def parse_layout(path) -> Layout:
             raise MappingError(path, s.lines["drop_last_layers"], "drop_last_layers needs a why: say what is lost")
         if "/" in s.prefix and lay.output == "file":
             raise MappingError(path, s.lines["prefix"], "a prefix with a folder needs output: folder")
+        for a in s.alternates:
+            _check_alternate(a, At(path, a.line, f"encoder {s.name} alternate"))
     v = lay.vision
     if v is not None and v.output == "folder":
         _weights_named(v.weights, At(path, v.lines.get("weights", lay.lines["vision"]), "vision weights"))
