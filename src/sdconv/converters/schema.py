@@ -102,23 +102,6 @@ def _equals(want, message: str, hint: str | None = None):
     return check
 
 
-def _check_presets(fam: "Family", d):
-    """A preset (for `sdconv sample`) gives each size the family's tensors need, the number of
-    layers, and the Params (heads, act)."""
-    needed = {s for t in fam.tensors if not t.optional for s in t.shape if isinstance(s, str)}
-    allowed = {**{s: s in needed for t in fam.tensors for s in t.shape if isinstance(s, str)}, "layers": True,
-               **{n: True for n, _, _ in rows(Params)}}
-    checks = {n: r.check for n, _, r in rows(Params)}
-    for pname, p in fam.presets.items():
-        raw = d["presets"][pname]
-        at = At(fam.path, d["presets"].line_of(pname), f"preset {pname}")
-        check_fields(raw, allowed, at)
-        for k, v in p.items():
-            checks.get(k, whole(1))(v, at.to(raw.line_of(k), f"{at.what} {k}"))
-        if p["act"] not in fam.act_choices:
-            raise at.error(f"{at.what}: activation {p['act']!r} is not one of {list(fam.act_choices)}")
-
-
 _transform = one_of(TRANSFORMS, "transform")
 _act = one_of(ACTIVATIONS, "activation")
 
@@ -306,6 +289,23 @@ def _parse_file(cls, path, kind: str):
     header = {"schema": _equals(SCHEMA_VERSION, "unsupported schema {!r}", f"this sdconv reads schema {SCHEMA_VERSION}"),
               "kind": _equals(kind, f"expected kind {kind!r}, found {{!r}}")}
     return parse_object(cls, d, At(path, d.line, kind), header=header, path=Path(path)), d
+
+
+def _check_presets(fam: Family, d):
+    """A preset (for `sdconv sample`) gives each size the family's tensors need, the number of
+    layers, and the Params (heads, act)."""
+    needed = {s for t in fam.tensors if not t.optional for s in t.shape if isinstance(s, str)}
+    allowed = {**{s: s in needed for t in fam.tensors for s in t.shape if isinstance(s, str)}, "layers": True,
+               **{n: True for n, _, _ in rows(Params)}}
+    checks = {n: r.check for n, _, r in rows(Params)}
+    for pname, p in fam.presets.items():
+        raw = d["presets"][pname]
+        at = At(fam.path, d["presets"].line_of(pname), f"preset {pname}")
+        check_fields(raw, allowed, at)
+        for k, v in p.items():
+            checks.get(k, whole(1))(v, at.to(raw.line_of(k), f"{at.what} {k}"))
+        if p["act"] not in fam.act_choices:
+            raise at.error(f"{at.what}: activation {p['act']!r} is not one of {list(fam.act_choices)}")
 
 
 @guarded

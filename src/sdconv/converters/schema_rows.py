@@ -127,7 +127,8 @@ def guarded(parse):
 
 def _check_keys(d, tree: dict, at: At, top: bool, trail=()):
     """Unknown keys (suggesting the nearest), then missing required ones, level by level."""
-    where = ".".join(trail) if trail and top else " ".join((at.what, ".".join(trail))) if trail else at.what
+    dotted = ".".join(trail)
+    where = (dotted if top else f"{at.what} {dotted}") if trail else at.what
     if not isinstance(d, dict):
         raise MappingError(at.path, getattr(d, "line", 0) or at.line, f"{where} must be a mapping")
     for k in d:
