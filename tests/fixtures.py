@@ -6,9 +6,9 @@ import functools
 import torch
 from safetensors import safe_open
 
-from sdconv.converters.containers import open_source
+from sdconv.converters.folders import open_source
 from sdconv.converters.registry import DEFAULT
-from sdconv.converters.sample import write_canonical
+from sdconv.samples import write_canonical
 
 LAYOUTS = ["ldm", "hf", "diffusers", "openai", "open_clip"]
 ALL_LAYOUTS = ["comfy", "diffusers", "hf", "ldm", "open_clip", "openai", "sd3", "sgm"]
@@ -60,11 +60,11 @@ def read_all(path) -> dict:
 
 def target_slot(layout: str, identity: str):
     """The slot an encoder of kind `identity` is written to, or None if the layout has none."""
-    from sdconv.converters.engine import _target_slot
+    from sdconv.converters.engine import target_slot
     from sdconv import UsageError
     rl = DEFAULT.layout(layout)
     try:
-        return _target_slot(rl, identity, rl.family.kinds)[0]
+        return target_slot(rl, identity, rl.family.kinds)[0]
     except UsageError:
         return None
 
@@ -86,7 +86,7 @@ def write_multi(path, layout: str, encoders: dict, extra: dict | None = None):
     import tempfile
     from pathlib import Path
 
-    from sdconv.converters.containers import write_safetensors
+    from sdconv.converters.writers import write_safetensors
     path = Path(path)
     folder = DEFAULT.layout(layout).layout.output == "folder"
     merged = dict(extra or {})

@@ -90,7 +90,7 @@ def test_program_skips_teardown_but_keeps_output_and_exit_codes(sd1, tmp_path):
     r = subprocess.run(prog + ["convert", "--to", "nonsense"], capture_output=True, text=True)
     assert r.returncode == 2 and "Usage" in r.stderr
     # a bug still leaves through Python, with its traceback
-    crash = "import sdconv.cli as c\ndef boom():\n    raise ZeroDivisionError('bug')\nc.main = boom\nc.run()"
+    crash = "import sdconv.cli.app as c\ndef boom():\n    raise ZeroDivisionError('bug')\nc.main = boom\nc.run()"
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError: bug" in r.stderr
 
@@ -179,7 +179,7 @@ def test_output_made_meanwhile_by_another_run_is_not_replaced(sd1, tmp_path, mon
     exit 6 and leaves the other's output as it was; with --force it is replaced."""
     from sdconv.converters import engine
     out = tmp_path / "o"
-    real = engine.write_output
+    real = engine.write_layout
 
     def racing(*a, **k):                  # "another run" finishes first
         if folder:
@@ -188,7 +188,7 @@ def test_output_made_meanwhile_by_another_run_is_not_replaced(sd1, tmp_path, mon
         else:
             out.write_bytes(b"the other run's")
         return real(*a, **k)
-    monkeypatch.setattr(engine, "write_output", racing)
+    monkeypatch.setattr(engine, "write_layout", racing)
     code, text = run("convert", sd1, "-o", out, "--to", to)
     _assert_clean_error(code, text, 6, "appeared while", "--force")
     assert (out / "model.safetensors" if folder else out).read_bytes() == b"the other run's"
@@ -215,9 +215,9 @@ def test_output_race_without_hard_links(sd1, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", no_links)
     out = tmp_path / "o.safetensors"
     assert run("convert", sd1, "-o", out, "--to", "openai")[0] == 0        # the fallback places it
-    real = engine.write_output
+    real = engine.write_layout
     other = tmp_path / "p.safetensors"
-    monkeypatch.setattr(engine, "write_output", lambda *a, **k: (other.write_bytes(b"x"), real(*a, **k))[1])
+    monkeypatch.setattr(engine, "write_layout", lambda *a, **k: (other.write_bytes(b"x"), real(*a, **k))[1])
     code, text = run("convert", sd1, "-o", other, "--to", "openai")
     _assert_clean_error(code, text, 6, "appeared while")
     assert other.read_bytes() == b"x" and not _leftovers(tmp_path)
@@ -329,7 +329,7 @@ def test_own_safetensors_writer_matches_the_library(tmp_path):
     """Our writer (no numpy needed) gives files the safetensors library reads back exactly."""
     from safetensors.torch import load_file
 
-    from sdconv.converters.containers import write_safetensors
+    from sdconv.converters.writers import write_safetensors
     ts = {"b": torch.randn(3, 5).half(), "a": torch.arange(7), "c": torch.randn(2, 2).to(torch.bfloat16),
           "s": torch.tensor(4.5), "e": torch.zeros(0, 4)}
     write_safetensors(ts, tmp_path / "x.safetensors", {"format": "pt", "k": "v"})

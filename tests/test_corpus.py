@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv.cli import main
-from sdconv.converters.containers import write_safetensors
+from sdconv.converters.writers import write_safetensors
 
 MARKER = "PAYLOAD_RAN"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdconv.converters import forward as fw
-from sdconv.converters.forward import as_float32, encode, probe_ids
+from sdconv import clip_forward as fw
+from sdconv.clip_forward import as_float32, encode, probe_ids
 
 torch.set_num_threads(1)  # tiny models: one thread is much faster on the 2-core machine
 

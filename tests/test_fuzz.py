@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdconv.converters.containers import open_file
-from sdconv.converters.errors import SdconvError
+from sdconv.converters.folders import open_file
+from sdconv.errors import SdconvError
 from sdconv.converters.registry import BUILTIN_DIR
 from sdconv.converters.schema import parse_family, parse_layout, parse_naming
 

@@ -9,7 +9,7 @@ import consumers as C
 from clipref import reference_and_sd1
 from fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import InputError, UsageError, convert, make_plan
-from sdconv.converters.containers import sha256_of
+from sdconv.converters.hashing import sha256_of
 
 
 @pytest.fixture(scope="module")

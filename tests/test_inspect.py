@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from fixtures import (distinct_canonical, holdable, read_all, realkeys, sparse_safetensors, target_slot, write_layout,
                       write_multi)
 from sdconv.cli import main
-from sdconv.converters.containers import write_safetensors
-from sdconv.converters.inspect import inspect, position_ids_health
+from sdconv.converters.writers import write_safetensors
+from sdconv.inspection import inspect
+from sdconv.converters.synthetic import position_ids_health
 
 UNET = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3, dtype=torch.float16),
         "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3, dtype=torch.float16),

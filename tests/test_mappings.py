@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from sdconv.converters.errors import MappingError, UsageError
+from sdconv.errors import MappingError, UsageError
 from fixtures import ALL_LAYOUTS
 from sdconv.converters.registry import BUILTIN_DIR, Registry
 
@@ -127,7 +127,7 @@ encoders:
     reg, _ = _registry_with(tmp_path, "mytrainer", text)
     canon = distinct_canonical()
     src = tmp_path / "a.safetensors"
-    from sdconv.converters.sample import write_canonical
+    from sdconv.samples import write_canonical
     write_canonical(canon, src, "mytrainer", {"heads": 2, "act": "quick_gelu"}, registry=reg)
     assert all(k.startswith("te.") for k in read_all(src))
     out = tmp_path / "b.safetensors"
@@ -179,7 +179,7 @@ def test_user_layout_round_trips_with_every_builtin(tmp_path):
 
     from fixtures import ALL_LAYOUTS, distinct_canonical, holdable, read_all, target_slot
     from sdconv import convert
-    from sdconv.converters.sample import write_canonical
+    from sdconv.samples import write_canonical
     text = GOOD.replace("name: openai", "name: mytrainer").replace('prefix: ""', "prefix: model.text.") \
         .replace("description: OpenAI", "description: mytrainer").replace("ignore: [visual., input_resolution, "
                                                                           "context_length, vocab_size]", "")

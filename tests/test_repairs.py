@@ -8,8 +8,8 @@ from safetensors import safe_open
 from fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import convert
 from sdconv.cli import main
-from sdconv.converters.containers import write_safetensors
-from sdconv.converters.inspect import inspect
+from sdconv.converters.writers import write_safetensors
+from sdconv.inspection import inspect
 
 PID = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 

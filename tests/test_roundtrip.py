@@ -75,7 +75,7 @@ def test_detection_finds_each_layout(tmp_path, layout, kind):
 
 def test_canonical_values_survive_every_layout(tmp_path):
     """Reading any layout gives the same canonical tensors it was written from."""
-    from sdconv.converters.containers import open_source
+    from sdconv.converters.folders import open_source
     from sdconv.converters.detect import read_layout
     from sdconv.converters.transforms import TRANSFORMS
     canon = distinct_canonical(vocab=1000)

@@ -11,8 +11,10 @@ from click.testing import CliRunner
 
 from fixtures import distinct_canonical, read_all, write_layout
 from sdconv.cli import main
-from sdconv.converters import containers
-from sdconv.converters.containers import SafetensorsSource, write_safetensors
+from sdconv.converters import sources, writers
+from sdconv.converters.pickles import PickleSource
+from sdconv.converters.sources import SafetensorsSource
+from sdconv.converters.writers import write_safetensors
 from sdconv.converters.engine import convert
 
 
@@ -70,7 +72,7 @@ def test_same_bytes_with_and_without_copy_file_range(sd1, tmp_path, monkeypatch,
     """The kernel copy and the plain write give byte-identical outputs."""
     a = tmp_path / "a.safetensors"
     convert(sd1, a, to=to)
-    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", False)
+    monkeypatch.setitem(writers.COPY_FILE_RANGE, "works", False)
     b = tmp_path / "b.safetensors"
     convert(sd1, b, to=to)
     assert _payload(a) == _payload(b)
@@ -95,9 +97,9 @@ def test_falls_back_to_plain_writes_where_the_kernel_cannot_copy(sd1, tmp_path, 
     """EXDEV (two file systems, old kernels) and friends: the tensor is written from memory instead,
     and later tensors do not try again."""
     ref = tmp_path / "ref"
-    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", False)
+    monkeypatch.setitem(writers.COPY_FILE_RANGE, "works", False)
     convert(sd1, ref, to="hf")
-    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", True)
+    monkeypatch.setitem(writers.COPY_FILE_RANGE, "works", True)
     calls = []
 
     def refuse(*a, **k):
@@ -106,7 +108,7 @@ def test_falls_back_to_plain_writes_where_the_kernel_cannot_copy(sd1, tmp_path, 
     monkeypatch.setattr(os, "copy_file_range", refuse)
     out = tmp_path / "out"
     convert(sd1, out, to="hf")
-    assert len(calls) == 1 and containers._COPY_FILE_RANGE["works"] is False
+    assert len(calls) == 1 and writers.COPY_FILE_RANGE["works"] is False
     assert _payload(out) == _payload(ref)
 
 
@@ -114,7 +116,7 @@ def test_falls_back_to_plain_writes_where_the_kernel_cannot_copy(sd1, tmp_path, 
 def test_full_disk_is_exit_6_and_leaves_nothing(sd1, tmp_path, monkeypatch, copy):
     """A tiny tmpfs as the output folder (or, without mount rights, the copy/write failing with
     ENOSPC): a one-line error, exit 6, no output, no temporary."""
-    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", copy)
+    monkeypatch.setitem(writers.COPY_FILE_RANGE, "works", copy)
     small = tmp_path / "small"
     small.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
@@ -123,7 +125,7 @@ def test_full_disk_is_exit_6_and_leaves_nothing(sd1, tmp_path, monkeypatch, copy
         def full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(os, "copy_file_range", full)
-        monkeypatch.setattr(containers, "_raw_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        monkeypatch.setattr(writers, "tensor_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     try:
         r = CliRunner().invoke(main, ["convert", str(sd1), "-o", str(small / "o.safetensors"), "--to", "hf"])
         assert r.exit_code == 6, r.output
@@ -147,7 +149,7 @@ def test_mapped_pages_are_dropped_as_tensors_are_read(tmp_path, monkeypatch, tri
     with trimming off, all of it stays (the control shows the measure can see it)."""
     p = tmp_path / "big.safetensors"
     write_safetensors({f"t{i}": torch.full((1 << 20,), float(i)) for i in range(32)}, p)   # 32 x 4 MiB
-    monkeypatch.setattr(containers, "TRIM_BYTES", (8 << 20) if trim else (1 << 62))
+    monkeypatch.setattr(sources, "TRIM_BYTES", (8 << 20) if trim else (1 << 62))
     src = SafetensorsSource(p)
     before = _rss_file_kib()
     total = 0.0
@@ -189,16 +191,16 @@ def test_torch_zip_checkpoints_are_copied_file_to_file_too(tmp_path, monkeypatch
     """torch.load(mmap=True) maps a zip checkpoint whole; its tensors are found in that map (from
     /proc/self/maps) and copied file to file, with the same result as plain writes."""
     ckpt = write_layout(distinct_canonical(vocab=1000, layers=3), tmp_path / "sd1.ckpt", "ldm", fmt="pt")
-    assert containers.PickleSource(ckpt).region(0, 1) is None          # an address outside the map
-    src = containers.PickleSource(ckpt)
+    assert PickleSource(ckpt).region(0, 1) is None          # an address outside the map
+    src = PickleSource(ckpt)
     some = src.load(src.keys()[0])
     fd, offset = src.region(some.data_ptr(), some.numel() * some.element_size())
-    assert os.pread(fd, 16, offset) == bytes(containers._raw_bytes(some.contiguous()))[:16]
+    assert os.pread(fd, 16, offset) == bytes(sources.tensor_bytes(some.contiguous()))[:16]
     copied = _count_copies(monkeypatch)
     a = tmp_path / "a.safetensors"
     convert(ckpt, a, to="sgm")
     assert sum(copied) > 0.9 * sum(src.info(k).nbytes for k in src.keys())
-    monkeypatch.setitem(containers._COPY_FILE_RANGE, "works", False)
+    monkeypatch.setitem(writers.COPY_FILE_RANGE, "works", False)
     b = tmp_path / "b.safetensors"
     convert(ckpt, b, to="sgm")
     assert _payload(a) == _payload(b)
@@ -210,7 +212,7 @@ def test_legacy_pickles_are_not_mapped_and_take_plain_writes(tmp_path, monkeypat
     sd = read_all(write_layout(canon, tmp_path / "z.safetensors", "ldm"))
     legacy = tmp_path / "legacy.ckpt"
     torch.save(sd, legacy, _use_new_zipfile_serialization=False)
-    src = containers.PickleSource(legacy)
+    src = PickleSource(legacy)
     t = src.load(src.keys()[0])
     assert src.region(t.data_ptr(), 4) is None
     copied = _count_copies(monkeypatch)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fixtures import distinct_canonical, write_layout
-from sdconv.converters.containers import open_source
+from sdconv.converters.folders import open_source
 from sdconv.converters.detect import read_layout
 from sdconv.converters.registry import DEFAULT
 from sdconv.converters.synthetic import findings

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from clipref import reference_and_sd1
 from sdconv import convert
 from sdconv.cli import main
-from sdconv.converters.verify import verify
+from sdconv.verification import verify
 
 
 def _extract(d, tmp_path, name="clip-l.safetensors"):

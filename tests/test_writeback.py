@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from fixtures import distinct_canonical, read_all, write_layout, write_multi
 from sdconv import UsageError, convert
-from sdconv.converters.containers import write_safetensors
-from sdconv.converters.writeback import write_back
+from sdconv.converters.writers import write_safetensors
+from sdconv.writeback import write_back
 
 UNET = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3).half(),
         "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3),
@@ -18,7 +18,7 @@ UNET = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)
 
 def _hashes(path):
     """sha256 of every tensor's bytes, read without torch's help (the raw file ranges)."""
-    from sdconv.converters.containers import open_source
+    from sdconv.converters.folders import open_source
     src = open_source(path)
     return {k: hashlib.sha256(src.raw(k)).hexdigest() for k in src.keys()}
 
@@ -88,3 +88,34 @@ def test_cli_into(tmp_path):
     assert r.exit_code == 0 and "replaced clip_l" in r.output, r.output
     r = CliRunner().invoke(main, ["convert", str(enc), "--to", "ldm", "--into", str(ck), "-o", str(ck), "--force"])
     assert r.exit_code == 6
+
+
+def test_dry_run_writes_nothing_and_says_what_it_would_replace(tmp_path):
+    from click.testing import CliRunner
+
+    from sdconv.cli import main
+    ck = _ckpt(tmp_path)
+    enc = write_layout({k: v for k, v in distinct_canonical(vocab=1000, seed=9).items()
+                        if k not in ("text_proj.weight", "logit_scale")},
+                       tmp_path / "enc.safetensors", "openai", params={"heads": 2, "act": "quick_gelu", "encoder": "clip_l"})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = CliRunner().invoke(main, ["convert", str(enc), "--to", "ldm", "--into", str(ck), "-o",
+                                  str(tmp_path / "new.safetensors"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "would replace clip_l" in r.output and "dry run: nothing written" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # negative control: the same command without --dry-run writes the checkpoint
+    r = CliRunner().invoke(main, ["convert", str(enc), "--to", "ldm", "--into", str(ck), "-o",
+                                  str(tmp_path / "new.safetensors")])
+    assert r.exit_code == 0 and (tmp_path / "new.safetensors").is_file()
+
+
+def test_into_with_several_inputs_is_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from sdconv.cli import main
+    ck = _ckpt(tmp_path)
+    r = CliRunner().invoke(main, ["convert", str(ck), str(ck), "--to", "ldm", "--into", str(ck), "-o",
+                                  str(tmp_path / "out") + "/"])
+    assert r.exit_code == 2 and "one checkpoint" in r.output
+    assert not (tmp_path / "out").exists()

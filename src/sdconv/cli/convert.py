@@ -4,17 +4,11 @@ import sys
 
 import click
 
-from . import EXIT_CODES, main, registry
-
-
-def _params(values) -> dict:
-    out = {}
-    for v in values:
-        k, sep, val = v.partition("=")
-        if not sep or not k or not val:
-            raise click.BadParameter(f"{v!r} is not NAME=VALUE (e.g. heads=16 or act=gelu)", param_hint="--param")
-        out[k.strip()] = val.strip()
-    return out
+from ..converters.dtypes import DTYPE_CHOICES
+from ..errors import UsageError
+from ..options import AUTO, FORMATS
+from . import render
+from .app import EXIT_CODES, main, parse_params, registry
 
 
 @main.command(epilog=EXIT_CODES)
@@ -23,11 +17,11 @@ def _params(values) -> dict:
               help="Output file or folder; with several inputs (or a folder of checkpoints, a glob, or a path "
                    "ending in /) the folder the outputs go to.")
 @click.option("--to", "to", required=True, metavar="LAYOUT", help="Target layout (see `sdconv layouts`).")
-@click.option("--from", "from_", default="auto", show_default=True, metavar="LAYOUT|auto",
+@click.option("--from", "from_", default=AUTO, show_default=True, metavar="LAYOUT|auto",
               help="Input layout; auto detects it from the file's keys.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output container. Default: from the output's suffix (.pt/.ckpt/.bin/.pth -> pt), else safetensors.")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="keep", show_default=True,
               help="Float dtype of the output tensors (integer buffers stay int64).")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Override what the weights cannot say: heads=N, act=quick_gelu|gelu. Repeatable.")
@@ -90,81 +84,68 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
       sdconv convert models/ -o encoders/ --to openai --encoder all --continue-on-error
       sdconv convert 'models/*.ckpt' -o encoders/ --to hf --report report.jsonl
     """
-    from ..converters.batch import expand
-    from ..converters.engine import convert as run_convert, make_plans
+    from ..batch import expand
+    from ..options import ConvertOptions
 
     paths, batch = expand(inputs)
     batch = batch or output.endswith(("/", "\\"))
-    kw = dict(to=to, from_=None if from_ == "auto" else from_, params=_params(params), fmt=fmt, dtype=dtype,
-              encoder=encoder, projection=projection, replace_projection=replace_projection,
-              allow_synthetic=allow_synthetic, with_vision=with_vision, force_activation=force_activation,
-              fix_position_ids=fix_position_ids, strict=strict, registry=registry())
+    options = ConvertOptions(to=to, from_=from_, params=parse_params(params), fmt=fmt, dtype=dtype, encoder=encoder,
+                             projection=projection, replace_projection=replace_projection,
+                             allow_synthetic=allow_synthetic, with_vision=with_vision,
+                             force_activation=force_activation, fix_position_ids=fix_position_ids, strict=strict,
+                             force=force)
+    reg = registry()
+    if into and batch:
+        raise UsageError("--into writes one encoder file into one checkpoint; several inputs were given",
+                         "write back one input at a time")
     if batch:
-        return _batch(paths, output, kw, force, continue_on_error, report, quiet, dry_run)
+        return _batch(paths, output, options, reg, continue_on_error, report, quiet, dry_run)
     (input,) = paths
-    if into:
-        from ..converters.writeback import write_back
-        reg = kw.pop("registry")
-        for k in ("fmt", "dtype", "with_vision", "force_activation"):
-            kw.pop(k)
-        plan, records = write_back(input, into, output, force=force, registry=reg, **kw)
-        if not quiet:
-            for slot, r in records.items():
-                click.echo(f"replaced {slot} in {into} at {r['prefix']}: {r['removed']} tensors out, "
-                           f"{r['written']} in; everything else copied byte for byte")
-            click.echo(f"wrote {output}")
-        return
-    if dry_run:
-        for plan in make_plans(input, output=output, **kw):
-            click.echo(plan.describe())
+    if into and dry_run:
+        from ..writeback import plan_write_back
+        wb = plan_write_back(input, into, output, options, registry=reg)
+        click.echo(render.describe_plan(wb.plan))
+        for line in render.describe_write_back(into, output, wb.records, planned=True):
+            click.echo(line)
         click.echo("dry run: nothing written")
         return
+    if into:
+        from ..writeback import write_back
+        plan, records = write_back(input, into, output, options, registry=reg)
+        if not quiet:
+            for line in render.describe_write_back(into, output, records):
+                click.echo(line)
+        return
+    if dry_run:
+        from ..converters.engine import make_plans
+        for plan in make_plans(input, options, output=output, registry=reg):
+            click.echo(render.describe_plan(plan))
+        click.echo("dry run: nothing written")
+        return
+    from ..converters.engine import convert as run_convert
     bar = None
     if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
         bar = tqdm(unit="B", unit_scale=True, desc="converting", leave=False, delay=1.0)
     try:
-        res = run_convert(input, output, force=force, progress=bar, **kw)
+        res = run_convert(input, output, options, registry=reg, progress=bar)
     finally:
         if bar:
             bar.close()
-    if quiet:
-        for p in res.plans:
-            for e in p.encoders:
-                for w in e.warnings:
-                    click.echo(f"sdconv: warning: {w}", err=True)
-        return
-    how = "detected" if res.plan.verdicts is not None else "--from"
-    click.echo(f"{input}: {res.plan.read.layout.name} ({how})")
-    for p in res.plans:
-        for e in p.encoders:
-            a = e.arch
-            click.echo(f"  {e.identity}: width {a['width']}, {a['layers']} layers, heads {e.params['heads']}, "
-                       f"{e.params['act']}, projection {a.get('proj') or 'none'}")
-        for e in p.encoders:
-            for w in e.warnings:
-                click.echo(f"sdconv: warning: {w}", err=True)
-            for r in e.repairs:
-                click.echo(f"  repaired: {r}")
-        for note in p.notes:
-            click.echo(f"  note: {note}")
-        n = sum(len(e.ops) + len(e.buffers) for e in p.encoders)
-        click.echo(f"wrote {p.output} ({p.target.name}, {p.fmt}, {n} tensors, {p.bytes_to_write / 1e6:.1f} MB)")
+    for line, is_warning in render.describe_result(input, res):
+        if is_warning or not quiet:
+            click.echo(line, err=is_warning)
 
 
-def _batch(paths, output, kw, force, continue_on_error, report, quiet, dry_run):
-    import json
-    import sys
+def _batch(paths, output, options, reg, continue_on_error, report, quiet, dry_run):
     from pathlib import Path
 
-    from ..converters.batch import run_batch
-    from ..converters.engine import make_plans
-    reg = kw.pop("registry")
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
+    from ..batch import run_batch
     if dry_run:
+        from ..converters.engine import make_plans
         for p in paths:
-            for plan in make_plans(p, output=Path(output) / p.name, registry=reg, **kw):
-                click.echo(plan.describe())
+            for plan in make_plans(p, options, output=Path(output) / p.name, registry=reg):
+                click.echo(render.describe_plan(plan))
         click.echo("dry run: nothing written")
         return
     out = open(report, "w", encoding="utf-8") if report else None
@@ -174,12 +155,12 @@ def _batch(paths, output, kw, force, continue_on_error, report, quiet, dry_run):
             out.write(rec.json() + "\n")
             out.flush()
         if not quiet:
-            what = ", ".join(rec.outputs) if rec.outputs else (rec.error or rec.reason)
-            click.echo(f"{rec.status:<9} {rec.input} -> {what}")
+            click.echo(render.describe_record(rec))
         for w in rec.warnings:
-            click.echo(f"sdconv: warning: {rec.input}: {w}", err=True)
+            click.echo(render.warning(w, rec.input), err=True)
     try:
-        records = run_batch(paths, Path(output), kw, options, force, continue_on_error, reg, show)
+        records = run_batch(paths, Path(output), options, continue_on_error=continue_on_error, registry=reg,
+                            on_record=show)
     finally:
         if out:
             out.close()

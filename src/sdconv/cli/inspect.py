@@ -4,14 +4,16 @@ import json
 
 import click
 
-from . import EXIT_CODES, main, registry
+from ..options import AUTO
+from . import render
+from .app import EXIT_CODES, main, registry
 
 
 @main.command(epilog=EXIT_CODES)
 @click.argument("input", type=click.Path())
-@click.option("--from", "from_", default="auto", show_default=True, metavar="LAYOUT|auto",
+@click.option("--from", "from_", default=AUTO, show_default=True, metavar="LAYOUT|auto",
               help="Input layout; auto detects it.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (stable; see README).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (stable; fields in docs/inspect-and-verify.md).")
 def inspect(input, from_, as_json):
     """Show the text encoder(s) in INPUT and what else the file holds.
 
@@ -26,7 +28,7 @@ def inspect(input, from_, as_json):
       sdconv inspect v1-5-pruned.safetensors
       sdconv inspect sd_xl_base_1.0.safetensors --json | jq '.encoders[].encoder'
     """
-    from ..converters.inspect import inspect as run, render
+    from ..inspection import inspect as run
 
-    report = run(input, None if from_ == "auto" else from_, registry())
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    report = run(input, None if from_ == AUTO else from_, registry=registry())
+    click.echo(json.dumps(report, indent=2) if as_json else render.render_inspect(report))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from . import main, registry
+from .app import main, registry
 
 
 @main.group(invoke_without_command=True)
@@ -65,10 +65,10 @@ def check(file):
     Example:
       sdconv layouts check ./my-layouts/mytrainer.yaml
     """
-    from ..converters.errors import MappingError
     from ..converters.registry import BUILTIN_DIR, Registry
     from ..converters.schema import parse_family, parse_naming
     from ..converters.yamlload import load_yaml
+    from ..errors import MappingError
 
     path = Path(file)
     kind = load_yaml(path).get("kind")

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import click
 
-from . import main, registry
+from ..converters.dtypes import CASTS
+from . import render
+from .app import main, registry
 
 
 @main.command()
@@ -10,7 +12,7 @@ from . import main, registry
 @click.option("--layout", default="ldm", show_default=True, help="Layout of the sample (a single-file layout).")
 @click.option("--preset", default="tiny", show_default=True,
               help="Architecture: tiny (width 128, 2 layers), vit-l-14 (SD1.x, full size), vit-h-14, vit-bigg-14.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--dtype", type=click.Choice(CASTS), default="fp16", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def sample(output, layout, preset, dtype, seed, force):
@@ -24,8 +26,7 @@ def sample(output, layout, preset, dtype, seed, force):
       sdconv sample sd1-tiny.safetensors
       sdconv sample sd1-full.safetensors --preset vit-l-14
     """
-    from ..converters.sample import write_sample
+    from ..samples import sample as run
 
-    info = write_sample(output, layout, preset, dtype, seed, force=force, registry=registry())
-    click.echo(f"wrote {output}: {layout} sample, preset {preset} ({info['tensors']} tensors, "
-               f"heads {info['params']['heads']}, {info['params']['act']}), random weights, seed {seed}")
+    info = run(output, layout=layout, preset=preset, dtype=dtype, seed=seed, force=force, registry=registry())
+    click.echo(render.describe_sample(output, layout, preset, seed, info))

@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from . import EXIT_CODES, main, registry
-from .convert import _params
+from . import render
+from .app import EXIT_CODES, main, parse_params, registry
 
 
 @main.command(epilog=EXIT_CODES)
@@ -41,12 +41,13 @@ def verify(a, b, encoder, from_a, from_b, param_a, param_b, prompts, tokenizer, 
       sdconv verify sd15.safetensors sd15-finetuned.safetensors --json
       sdconv verify xl.safetensors xl-merge.safetensors --encoder clip_g
     """
-    from ..converters.verify import render, verify as run
+    from ..verification import verify as run
 
     lines = None
     if prompts:
         lines = [ln.strip() for ln in open(prompts, encoding="utf-8") if ln.strip()]
-    report = run(a, b, encoder, from_a, from_b, _params(param_a), _params(param_b), lines, tokenizer, atol,
-                 registry())
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    report = run(a, b, encoder=encoder, from_a=from_a, from_b=from_b, params_a=parse_params(param_a, "--param-a"),
+                 params_b=parse_params(param_b, "--param-b"), prompts=lines, tokenizer=tokenizer, atol=atol,
+                 registry=registry())
+    click.echo(json.dumps(report, indent=2) if as_json else render.render_verify(report))
     sys.exit(report["exit_code"])

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from typing import Callable, NamedTuple
 
-# The activations sdconv serves: the reference forward pass computes them (forward.py) and every
-# config format can say them (open_clip's has a single quick_gelu flag).
+from . import dtypes
+
+# The activations sdconv serves: the reference forward pass computes them (clip_forward.py) and
+# every config format can say them (open_clip's has a single quick_gelu flag).
 ACTIVATIONS = ("quick_gelu", "gelu")
 
-HF_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# the torch_dtype a transformers config states: floats of 16 bits and wider
+HF_TORCH_DTYPE = {d.code: d.torch for d in dtypes.TABLE if d.is_float and d.size >= 2}
 
 
 def read_hf_clip_text(cfg: dict) -> dict:
@@ -109,6 +112,6 @@ SLOT_FORMATS = {"hf_clip_text": SlotFormat(read_hf_clip_text, write_hf_clip_text
 # (arch, params, dtype code, (vision arch, vision params)) -> text.
 CLIP_FORMATS = {"hf_clip": write_hf_clip, "open_clip": write_open_clip}
 
-# lookups by format name, as engine.py uses them
+# lookups by format name, as analyse.py and output.py use them
 READERS = {k: f.read for k, f in SLOT_FORMATS.items()}
 WRITERS = {**{k: f.write for k, f in SLOT_FORMATS.items()}, **CLIP_FORMATS}

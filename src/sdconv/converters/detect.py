@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InputError, LayoutError, MappingError
-from .plan import ReadPlan, infer_arch, plan_read, slot_present
+from ..errors import InputError, LayoutError, MappingError
+from .arch import infer_arch
+from .plan import ReadPlan, plan_read, slot_present
 from .registry import Registry, ResolvedLayout
 
 

@@ -1,13 +1,56 @@
-"""Execution: run a planned conversion, one canonical tensor group at a time."""
+"""Execution: make a planned encoder's target tensors, one write op at a time.
+
+Canonical tensors come from a reader: SourceReader reads them from an input (and from the
+reference files of grafts), MemoryReader hands out tensors held in memory (samples). Either
+gives, for a canonical name, its dtype code, the canonical tensors its read op makes, and where
+it comes from (for error messages)."""
 from __future__ import annotations
 
-from .errors import InputError
+from ..errors import InputError
+from . import dtypes
 from .plan import BufferOp, ReadPlan, WriteOp
 from .stream import Entry, RowConcat, TensorStream
 from .transforms import TRANSFORMS, synthesize
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+class SourceReader:
+    """Canonical tensors of one encoder, read from its source; `grafts`: {canonical name:
+    (source, ReadOp)} read from another file (a reference CLIP) instead."""
+
+    def __init__(self, source, rp: ReadPlan, grafts: dict | None = None):
+        self.source, self.rp, self.grafts = source, rp, grafts or {}
+
+    def _op(self, canonical: str):
+        return self.grafts.get(canonical) or (self.source, self.rp.op_for(canonical))
+
+    def dtype(self, canonical: str) -> str:
+        src, rop = self._op(canonical)
+        return src.info(rop.keys[0]).dtype
+
+    def load(self, canonical: str) -> dict:
+        """{canonical name: tensor} for every tensor the read op that makes `canonical` makes."""
+        src, rop = self._op(canonical)
+        return dict(zip(rop.canonical, TRANSFORMS[rop.transform].read([src.load(k) for k in rop.keys])))
+
+    def origin(self, canonical: str) -> str:
+        src, rop = self._op(canonical)
+        return f"{src.path}: {', '.join(rop.keys)}"
+
+
+class MemoryReader:
+    """Canonical tensors held in memory: {canonical name: tensor}."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def dtype(self, canonical: str) -> str:
+        return dtypes.code_of(self.tensors[canonical].dtype)
+
+    def load(self, canonical: str) -> dict:
+        return {canonical: self.tensors[canonical]}
+
+    def origin(self, canonical: str) -> str:
+        return canonical
 
 
 def _finite(t) -> bool:
@@ -25,41 +68,28 @@ def _finite(t) -> bool:
         return bool(torch.isfinite(t.float()).all())
 
 
-def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
-           progress=None, grafts: dict | None = None, check_finite: bool = True) -> TensorStream:
+def stream(reader, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
+           progress=None, check_finite: bool = True) -> TensorStream:
     """The target tensors of one encoder, made one write op at a time (a layer's worth of
-    memory). Canonical tensors live only until the op that needs them. `grafts`: {canonical
-    name: (source, ReadOp)} read from another file (a reference CLIP)."""
-    grafts = grafts or {}
-
-    def source_dtype(c):
-        src, rop = grafts.get(c) or (source, rp.op_for(c))
-        return src.info(rop.keys[0]).dtype
-
-    def out_code(code):
-        return _CODE[dtype] if dtype != "keep" and code.startswith(("F", "BF")) else code
-    entries = [Entry(k, out_code(source_dtype(op.canonical[0])), tuple(s)) for op in ops for k, s in zip(op.keys, op.shapes)]
+    memory). Canonical tensors live only until the op that needs them."""
+    entries = [Entry(k, dtypes.cast_code(reader.dtype(op.canonical[0]), dtype), tuple(s))
+               for op in ops for k, s in zip(op.keys, op.shapes)]
     for b in buffers:
         entries.append(Entry(b.key, "I64", tuple(arch[s] if isinstance(s, str) else s for s in b.shape)))
 
     def make():
-        import torch
-        cast = getattr(torch, DTYPES[dtype]) if dtype != "keep" else None
+        cast = dtypes.torch_dtype(dtypes.BY_CAST[dtype].code) if dtype in dtypes.BY_CAST else None
         cache: dict = {}
         for op in ops:
             for c in op.canonical:
                 if c not in cache:
-                    src, rop = grafts.get(c) or (source, rp.op_for(c))
-                    tensors = [src.load(k) for k in rop.keys]
-                    for name, t in zip(rop.canonical, TRANSFORMS[rop.transform].read(tensors)):
-                        cache[name] = t
+                    cache.update(reader.load(c))
             written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])
             for key, t in zip(op.keys, written):
                 parts = t.parts if isinstance(t, RowConcat) else [t]
                 # checked as it is made, before its bytes reach the (temporary) output
                 if check_finite and not all(_finite(p) for p in parts):
-                    src, rop = grafts.get(op.canonical[0]) or (source, rp.op_for(op.canonical[0]))
-                    raise InputError(f"{src.path}: {', '.join(rop.keys)} holds NaN or Inf values (for {key})",
+                    raise InputError(f"{reader.origin(op.canonical[0])} holds NaN or Inf values (for {key})",
                                      "the checkpoint is damaged (a failed merge or training run); nothing was written")
                 if cast is not None and parts[0].is_floating_point():
                     parts = [p.to(cast) for p in parts]
@@ -71,12 +101,6 @@ def stream(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], ar
             shape = [arch[s] if isinstance(s, str) else s for s in b.shape]
             yield b.key, synthesize(b.synthesize, shape)
     return TensorStream(entries, make)
-
-
-def run(source, rp: ReadPlan, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtype: str = "keep",
-        progress=None, grafts: dict | None = None, check_finite: bool = True) -> dict:
-    """The same, all in memory: {target key: tensor}."""
-    return stream(source, rp, ops, buffers, arch, dtype, progress, grafts, check_finite).to_dict()
 
 
 def load_canonical(source, rp: ReadPlan) -> dict:

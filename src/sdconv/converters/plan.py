@@ -1,21 +1,21 @@
 """Planning: from a source's key headers to a list of exact tensor operations.
 
 read:  layout keys --(transform)--> canonical tensors     (plan_read)
-arch:  canonical shapes --> width, layers, ffn, ...        (infer_arch, resolve_params)
 write: canonical tensors --(inverse)--> target keys        (plan_write)
+(between them, arch.py reads the architecture from the canonical shapes)
 
 Nothing here reads tensor data: every shape comes from headers and the transforms' shape
 functions, so a whole conversion is checked before a byte is read.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from .containers import TensorInfo
-from .errors import InputError, LayoutError, UsageError
+from .sources import TensorInfo
+from ..errors import InputError, LayoutError
 from .registry import ResolvedLayout
-from .schema import LAYER, Entry, Family, Slot
+from .schema import LAYER, Entry, Slot
+from .templates import fill_layer, layer_pattern
 from .transforms import TRANSFORMS
 
 
@@ -69,15 +69,6 @@ class BufferOp:
     key: str
     shape: tuple
     synthesize: str
-
-
-def _pattern(template: str) -> re.Pattern:
-    head, _, tail = template.partition(LAYER)
-    return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) if LAYER in template else re.escape(template))
-
-
-def _fill(template: str, layer: int | None) -> str:
-    return template.replace(LAYER, str(layer)) if layer is not None else template
 
 
 def _ignored(rel: str, patterns) -> bool:
@@ -147,7 +138,7 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None)
     layer_hits: dict[Entry, dict[int, str]] = {}
     flat_hits: dict[Entry, str] = {}
     exact = {e.key: e for e in entries if LAYER not in e.key}
-    layered = [(e, _pattern(e.key)) for e in entries if LAYER in e.key]
+    layered = [(e, layer_pattern(e.key)) for e in entries if LAYER in e.key]
     for rel in view:
         e = exact.get(rel)
         if e is not None:
@@ -180,9 +171,9 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None)
             hits = layer_hits.get(e, {})
             for i in range(layers):
                 if i not in hits:
-                    missing.append(prefix + _fill(e.key, i))
+                    missing.append(prefix + fill_layer(e.key, i))
                     continue
-                ops.append(ReadOp((view[hits[i]],), (hits[i],), e.transform, tuple(_fill(c, i) for c in e.canonical)))
+                ops.append(ReadOp((view[hits[i]],), (hits[i],), e.transform, tuple(fill_layer(c, i) for c in e.canonical)))
             continue
         alt = alternate_for.get(e.canonical)
         use = e if e in flat_hits else None
@@ -239,110 +230,6 @@ def plan_read(source, rl: ResolvedLayout, slot: Slot, prefix: str | None = None)
                     tuple(view.values()), repairs).index(source)
 
 
-# ---------------------------------------------------------------- architecture
-
-def count_layers(family: Family, names) -> int:
-    """Layers among canonical names, by the family's <layer> templates."""
-    pats = [_pattern(t.name) for t in family.tensors if LAYER in t.name]
-    found = {int(m.group(1)) for n in names for p in pats if (m := p.fullmatch(n))}
-    return len(found)
-
-
-def infer_arch(family: Family, shapes: dict, layers: int, where: str = "") -> dict:
-    """Bind the family's shape symbols from the canonical shapes; every tensor must agree."""
-    arch: dict = {"layers": layers}
-    bound_by: dict = {}
-    for spec in family.tensors:
-        names = [_fill(spec.name, i) for i in range(layers)] if LAYER in spec.name else [spec.name]
-        for name in names:
-            if name not in shapes:
-                continue
-            shape = shapes[name]
-            if len(shape) != len(spec.shape):
-                raise InputError(f"{where}{name} has {len(shape)} dimensions {list(shape)}, expected {len(spec.shape)} "
-                                 f"({list(spec.shape)})")
-            for sym, n in zip(spec.shape, shape):
-                if isinstance(sym, int):
-                    if sym != n:
-                        raise InputError(f"{where}{name} has shape {list(shape)}, expected {list(spec.shape)}")
-                elif sym not in arch:
-                    arch[sym], bound_by[sym] = n, name
-                elif arch[sym] != n:
-                    raise InputError(f"{where}{name} has shape {list(shape)}: {sym} = {n}, but {bound_by[sym]} "
-                                     f"says {sym} = {arch[sym]}", "the file mixes tensors of different models")
-    for spec in family.tensors:       # symbols of absent optional tensors (e.g. no projection)
-        for sym in spec.shape:
-            if isinstance(sym, str):
-                arch.setdefault(sym, None)
-    return arch
-
-
-def identify(family: Family, slot: Slot, arch: dict, given: dict, from_input: dict):
-    """Which encoder is this (clip_l, clip_h, clip_g, or a generic name)? --param encoder=,
-    then the slot's own kind, then what the input says, then the width; else the slot's name."""
-    for name, origin in ((given.get("encoder"), "--param"), (slot.name if slot.name in family.kinds else None,
-                         "layout slot"), (from_input.get("encoder"), "input metadata")):
-        if name in family.kinds:
-            return name, origin
-        if name and origin == "--param":
-            raise UsageError(f"unknown encoder {name!r}", f"known: {', '.join(family.kinds)}")
-    k = family.kind_by_width(arch["width"])
-    if k is not None:
-        return k.name, f"width {arch['width']}"
-    return slot.name, "no known kind has this width"
-
-
-def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_input: dict, input_origin: str,
-                   identity: str):
-    """heads and act: --param > the input's own config > the layout's default > the kind's
-    (heads only at the kind's own width) > the family's."""
-    kind = family.kinds.get(identity)
-    params, origin = {}, {}
-    for name in ("heads", "act"):
-        if name in given:
-            params[name], origin[name] = given[name], "--param"
-        elif name in from_input:
-            params[name], origin[name] = from_input[name], input_origin
-        elif name in slot.params:
-            params[name], origin[name] = slot.params[name], "layout default"
-        elif kind is not None and (name == "act" or kind.width == arch["width"]):
-            params[name], origin[name] = getattr(kind, name), f"{kind.name} ({kind.title})"
-        elif name == "heads":
-            if arch["width"] % family.head_width:
-                raise UsageError(f"cannot tell the number of heads: width {arch['width']} is not a multiple of "
-                                 f"{family.head_width}", "pass --param heads=N")
-            params[name] = arch["width"] // family.head_width
-            origin[name] = f"width {arch['width']} / head width {family.head_width}"
-        else:
-            params[name], origin[name] = family.act_default, f"{family.name} default"
-    if params["act"] not in family.act_choices:
-        raise UsageError(f"unknown activation {params['act']!r}", f"choose one of {', '.join(family.act_choices)}")
-    try:
-        params["heads"] = int(params["heads"])
-    except (TypeError, ValueError):
-        raise UsageError(f"heads must be a whole number, found {params['heads']!r}")
-    if params["heads"] <= 0 or arch["width"] % params["heads"]:
-        raise UsageError(f"heads = {params['heads']} does not divide width {arch['width']}",
-                         "pass a --param heads=N that divides the width")
-    return params, origin
-
-
-def absent_last_blocks(family: Family, identity: str, arch: dict, slot: Slot, stated: int = 0):
-    """How many of the encoder's last blocks are already gone, and the note that says so: the
-    layout drops them (diffusers' SD2), the input's metadata says so, or a known kind has more
-    blocks than this encoder (an SD2 encoder converted back from diffusers). Nothing is made up."""
-    kind = family.kinds.get(identity)
-    deficit = kind.layers - arch["layers"] if kind and kind.width == arch["width"] else 0
-    n = max(slot.drop_last_layers, stated, deficit, 0)
-    notes = []
-    if deficit > 0 and not slot.drop_last_layers:
-        notes.append(f"{kind.title} has {kind.layers} blocks; this encoder has {arch['layers']}: the last "
-                     f"{deficit} absent (e.g. an SD2 encoder converted back from diffusers)")
-    elif stated and not slot.drop_last_layers and not deficit:
-        notes.append(f"the input says its last {stated} block(s) were dropped before (see its sdconv metadata)")
-    return n, notes
-
-
 # ---------------------------------------------------------------- write
 
 def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source_desc: str, absent_last: int = 0):
@@ -367,7 +254,7 @@ def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source
     for e in naming.entries:
         rank = order[e.canonical[0]]
         for i in (range(layers) if LAYER in e.key else [None]):
-            canon = tuple(_fill(c, i) for c in e.canonical)
+            canon = tuple(fill_layer(c, i) for c in e.canonical)
             present = [c in shapes for c in canon]
             if not all(present):
                 if any(present):
@@ -385,7 +272,7 @@ def plan_write(rl: ResolvedLayout, slot: Slot, shapes: dict, layers: int, source
             if out is None:
                 raise InputError(f"{source_desc}: {', '.join(canon)} cannot be written as {e.key} ({e.transform})")
             position = (1, i, rank) if i is not None else (0 if rank < first_layer else 2, 0, rank)
-            ops.append((position, WriteOp(canon, e.transform, (slot.prefix + _fill(e.key, i),), tuple(out))))
+            ops.append((position, WriteOp(canon, e.transform, (slot.prefix + fill_layer(e.key, i),), tuple(out))))
     ops.sort(key=lambda pair: pair[0])
     ops = [op for _, op in ops]
     buffers = []

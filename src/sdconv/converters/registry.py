@@ -3,14 +3,16 @@ references between them (layout -> family, layout slot -> naming) and suggests c
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import MappingError, UsageError
-from .schema import Family, Layout, Naming, parse_family, parse_layout, parse_naming
+from ..errors import MappingError, UsageError
+from .schema import Family, Layout, Naming, Slot, parse_family, parse_layout, parse_naming
+from .yamlload import load_yaml
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "mappings"
 
@@ -56,7 +58,6 @@ class Registry:
         builtin = BUILTIN_DIR / sub / f"{name}.yaml"
         if p.resolve() == builtin.resolve() or not builtin.is_file():
             return
-        from .yamlload import load_yaml
         d = load_yaml(p)
         if d.get("overrides") is not True:
             raise MappingError(p, d.line, f"{name!r} is the name of a built-in {sub.rstrip('/') or 'layout'} "
@@ -131,9 +132,6 @@ class Registry:
 
     def vision(self, rl: ResolvedLayout) -> ResolvedLayout | None:
         """The layout's vision side as a one-slot layout of its own (for --with-vision)."""
-        import dataclasses
-
-        from .schema import Slot
         v = rl.layout.vision
         if v is None:
             return None

@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MappingError
 from .configs import ACTIVATIONS, CLIP_FORMATS, SLOT_FORMATS
-from .containers import PICKLE_EXT, SAFETENSORS_EXT
-from .errors import MappingError
 from .schema_rows import (At, Parsed, as_dict, check_fields, flag, guarded, listed, mapping, named, number, obj, one_of,
                           parse_object, row, rows, string_set, strings, text, then, whole)
+from .sources import PICKLE_EXT, SAFETENSORS_EXT
 from .transforms import SYNTHESIZERS, TRANSFORMS
 from .yamlload import load_yaml
 

@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import MappingError
+from ..errors import MappingError
 from .yamlload import LineDict
 
 REQUIRED = dataclasses.MISSING

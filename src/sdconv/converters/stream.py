@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from . import dtypes
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -44,8 +46,7 @@ class TensorStream:
 
     @classmethod
     def from_dict(cls, tensors: dict) -> "TensorStream":
-        from .containers import torch_dtype_code
-        entries = [Entry(k, torch_dtype_code(t.dtype), tuple(t.shape)) for k, t in tensors.items()]
+        entries = [Entry(k, dtypes.code_of(t.dtype), tuple(t.shape)) for k, t in tensors.items()]
         return cls(entries, lambda: iter(tensors.items()))
 
     @classmethod
@@ -62,11 +63,10 @@ class TensorStream:
     def pieces(self):
         """(key, [tensor, ...]): each planned tensor as the parts whose bytes, one after
         another, are its bytes (one part unless it is a RowConcat), checked against the plan."""
-        from .containers import torch_dtype_code
         produced = self._make()
         for e in self.entries:
             key, t = next(produced)
-            if key != e.key or torch_dtype_code(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
+            if key != e.key or dtypes.code_of(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
                 raise RuntimeError(f"internal error: planned {e}, made {key} {t.dtype} {tuple(t.shape)}")
             yield key, (t.parts if isinstance(t, RowConcat) else [t])
 
@@ -80,5 +80,5 @@ class TensorStream:
 
     def dominant_dtype(self) -> str | None:
         """The float dtype code most tensors have (what a config.json's torch_dtype states)."""
-        counts = Counter(e.dtype for e in self.entries if e.dtype.startswith(("F", "BF")))
+        counts = Counter(e.dtype for e in self.entries if dtypes.is_float(e.dtype))
         return counts.most_common(1)[0][0] if counts else None

@@ -8,13 +8,17 @@ checks load every tensor. Shared by inspect, projection grafts and verify.
 """
 from __future__ import annotations
 
-import re
 import struct
 
-from .containers import DTYPE_SIZE
-from .plan import LAYER, ReadPlan
+from . import dtypes
+from .plan import ReadPlan
+from .schema import LAYER
+from .templates import layer_pattern
 
-_FMT = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b", "U8": "B"}
+
+def _struct(dtype: str) -> str | None:
+    d = dtypes.BY_CODE.get(dtype)
+    return d.struct if d is not None else None
 
 
 def decode(raw: bytes, dtype: str) -> list:
@@ -22,22 +26,23 @@ def decode(raw: bytes, dtype: str) -> list:
     if dtype == "BF16":
         raw = b"".join(b"\x00\x00" + raw[i:i + 2] for i in range(0, len(raw), 2))
         dtype = "F32"
-    if dtype not in _FMT:
+    fmt = _struct(dtype)
+    if fmt is None:
         raise ValueError(f"cannot decode {dtype}")
-    return list(struct.unpack(f"<{len(raw) // DTYPE_SIZE[dtype]}{_FMT[dtype]}", raw))
+    return list(struct.unpack(f"<{len(raw) // dtypes.size(dtype)}{fmt}", raw))
 
 
 def _one(dtype: str) -> bytes:
     if dtype == "BF16":
         return struct.pack("<f", 1.0)[2:]
-    return struct.pack(f"<{_FMT[dtype]}", 1)
+    return struct.pack(f"<{_struct(dtype)}", 1)
 
 
 def matrix_look(raw: bytes, shape: tuple, dtype: str) -> str:
     """identity / all_ones / zeros / trained, by comparing bytes (fast even for 1280x1280)."""
-    if dtype not in _FMT and dtype != "BF16":
+    if _struct(dtype) is None and dtype != "BF16":
         return "unknown"
-    size = DTYPE_SIZE[dtype]
+    size = dtypes.size(dtype)
     one, zero = _one(dtype), b"\x00" * size
     n = 1
     for d in shape:
@@ -94,7 +99,7 @@ def scalar(source, rp: ReadPlan, canonical: str) -> float | None:
 def duplicate_blocks(source, rp: ReadPlan) -> list[int]:
     """Blocks i whose every small tensor (norms, biases) equals block i-1's byte for byte."""
     fam = rp.layout.family
-    pats = [(re.compile(re.escape(t.name).replace(re.escape(LAYER), r"(\d+)")), t) for t in fam.tensors
+    pats = [(layer_pattern(t.name), t) for t in fam.tensors
             if LAYER in t.name and len(t.shape) == 1]
     per_layer: dict[int, dict[str, str]] = {}
     for op in rp.ops:

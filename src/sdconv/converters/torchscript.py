@@ -24,7 +24,7 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-from .errors import InputError, SdconvError, UnsafeInputError
+from ..errors import InputError, SdconvError, UnsafeInputError
 
 _UNSAFE_HINT = ("sdconv never runs code from a checkpoint; convert the file to .safetensors with a tool you "
                 "trust")

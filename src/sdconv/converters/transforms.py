@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .stream import RowConcat
+
 Shape = tuple[int, ...]
 
 
@@ -59,7 +61,6 @@ def _split_qkv(ts):
 
 def _fuse_qkv(ts):
     # joined when iterated; a safetensors writer writes the parts one after another instead
-    from .stream import RowConcat
     return [RowConcat(ts)]
 
 

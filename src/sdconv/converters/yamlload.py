@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import yaml
 
-from .errors import MappingError
+from ..errors import MappingError
 
 try:  # the C loader is faster; both are "safe"
     _Base = yaml.CSafeLoader

@@ -6,13 +6,17 @@ from their raw bytes.
 """
 from __future__ import annotations
 
-import struct
+import json
 from pathlib import Path
 
-from .registry import DEFAULT, Registry
-from .synthetic import findings, position_ids_health, projection_look, scalar
+from .converters import metakeys
+from .converters.analyse import analyse, read_input
+from .converters.registry import DEFAULT, Registry
+from .converters.synthetic import findings, position_ids_health, projection_look, scalar
 
 INSPECT_VERSION = 1
+
+
 def _architecture(family, arch: dict) -> str:
     k = family.kind_by_width(arch["width"])
     if k and arch["layers"] in (k.layers, k.layers - 1) and arch["ffn"] == 4 * arch["width"]:
@@ -24,9 +28,11 @@ def _match(key: str, patterns) -> bool:
     return any(key.startswith(p) if p.endswith(".") else key == p for p in patterns)
 
 
-def inspect(input, from_: str | None = None, registry: Registry = DEFAULT) -> dict:
-    from .engine import analyse, read_input
-
+def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) -> dict:
+    """What `input` holds, as a dict (the stable JSON of `sdconv inspect --json`; see
+    docs/inspect-and-verify.md): its layout and the candidates tried, each encoder's architecture,
+    parameters, dtypes, projection, logit_scale, position_ids health and synthetic-looking parts,
+    the other components of the checkpoint, its metadata and the summary of an sdconv ledger."""
     source, reads, verdicts = read_input(input, from_, {}, registry)
     found = analyse(source, reads, {})
     family = reads[0].layout.family
@@ -98,13 +104,12 @@ def inspect(input, from_: str | None = None, registry: Registry = DEFAULT) -> di
 
 def _ledger_summary(source, folder: str) -> dict | None:
     """What an sdconv output says of its own tensors: counts by origin, repairs, grafts."""
-    import json
-    raw = source.metadata(folder).get("sdconv.ledger")
+    raw = source.metadata(folder).get(metakeys.LEDGER)
     ledger = json.loads(raw) if raw else None
     if ledger is None:
-        side = Path(str(source.path) + ".sdconv.json")
+        side = Path(str(source.path) + metakeys.SIDECAR_SUFFIX)
         if source.is_folder:
-            side = Path(source.path) / "sdconv.json"
+            side = Path(source.path) / metakeys.SIDECAR_IN_FOLDER
         if side.is_file():
             ledger = json.loads(side.read_text()).get("ledger")
     if not ledger:
@@ -115,43 +120,3 @@ def _ledger_summary(source, folder: str) -> dict | None:
     grafted = sorted({f"{e['file']}:{e['key']}" for e in ledger["tensors"].values() if e["origin"] == "grafted"})
     return {"origins": origins, "repairs": ledger.get("repairs", []), "grafted": grafted,
             "warnings": ledger.get("warnings", [])}
-
-
-def render(report: dict) -> str:
-    """The human-readable form."""
-    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
-    lines = [f"{report['file']}: {report['container']}, {mb(report['size_bytes'])}",
-             f"layout: {report['layout']} ({'detected' if report['detected'] else 'given with --from'})"]
-    for c in report["candidates"]:
-        lines.append(f"  {'matched ' if c['matched'] else 'rejected'} {c['layout']}: {c['reason']}")
-    for e in report["encoders"]:
-        lines.append(f"encoder {e['encoder']} ({e['architecture']}) at {e['prefix'] or 'top level'}")
-        lines.append(f"  width {e['width']}, layers {e['layers']}, ffn {e['ffn']}, heads {e['heads']}, {e['act']}, "
-                     f"vocab {e['vocab']}, context {e['context']}")
-        lines.append(f"  {e['parameters']:,} parameters, {mb(e['bytes'])}, dtypes "
-                     + ", ".join(f"{k} x{v}" for k, v in sorted(e["dtypes"].items())))
-        p = e["projection"]
-        lines.append(f"  projection: {'none' if not p['present'] else str(p['dim']) + ' (' + p['looks_like'] + ')'}")
-        lines.append(f"  logit_scale: {'none' if e['logit_scale'] is None else round(e['logit_scale'], 4)}")
-        pid = e["position_ids"]
-        extra = f", wrong at {pid['bad_indices'][:10]}" if pid.get("bad_indices") else ""
-        if pid["status"] in ("drifted", "corrupt"):
-            extra += " (convert with --fix-position-ids to repair)"
-        lines.append(f"  position_ids: {pid['status']}{' (' + pid['dtype'] + ')' if 'dtype' in pid else ''}{extra}")
-        for n in e["synthetic"]:
-            lines.append(f"  SYNTHETIC? {n}")
-        for n in e["notes"]:
-            lines.append(f"  note: {n}")
-    led = report.get("ledger")
-    if led:
-        lines.append("sdconv ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(led["origins"].items())))
-        for g in led["grafted"]:
-            lines.append(f"  grafted from {g}")
-        for r in led["repairs"]:
-            lines.append(f"  repaired: {r}")
-    if report["components"]:
-        lines.append("other components:")
-        for name, c in sorted(report["components"].items()):
-            ex = f" (e.g. {', '.join(c['examples'][:3])})" if c.get("examples") else ""
-            lines.append(f"  {name}: {c['tensors']} tensors, {mb(c['bytes'])}{ex}")
-    return "\n".join(lines)

@@ -11,12 +11,16 @@ from __future__ import annotations
 import gc
 import glob
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .containers import FOLDER_WEIGHTS, PICKLE_EXT, SAFETENSORS_EXT
+from .converters import metakeys
+from .converters.engine import convert
+from .converters.folders import FOLDER_WEIGHTS, open_source
+from .converters.registry import DEFAULT, Registry
+from .converters.sources import PICKLE_EXT, SAFETENSORS_EXT
 from .errors import SdconvError, UsageError
+from .options import ConvertOptions
 
 CHECKPOINT_EXT = SAFETENSORS_EXT + PICKLE_EXT
 MODEL_FOLDER_MARKERS = ("config.json", "model_index.json", "open_clip_config.json")
@@ -61,13 +65,12 @@ def output_for(inp: Path, out_dir: Path, folder_layout: bool, fmt: str | None) -
 
 def _made_by_sdconv_with(out: Path, options: dict) -> bool | None:
     """True: sdconv made it with these options; False: with others; None: not sdconv's."""
-    from .containers import open_source
-    from .engine import SIDECAR
     meta = None
-    for side in (out.with_name(out.name + SIDECAR), out / SIDECAR.lstrip(".")):
+    for side in (out.with_name(out.name + metakeys.SIDECAR_SUFFIX), out / metakeys.SIDECAR_IN_FOLDER):
         if side.is_file():
             try:
-                meta = {"sdconv.options": json.dumps(json.loads(side.read_text()).get("options"), sort_keys=True)}
+                options_said = json.loads(side.read_text()).get(metakeys.sidecar_key(metakeys.OPTIONS))
+                meta = {metakeys.OPTIONS: json.dumps(options_said, sort_keys=True)}
             except (OSError, ValueError):
                 return None
             break
@@ -76,9 +79,9 @@ def _made_by_sdconv_with(out: Path, options: dict) -> bool | None:
             meta = open_source(out).metadata()
         except SdconvError:
             return None
-    if "sdconv.options" not in meta:
+    if metakeys.OPTIONS not in meta:
         return None
-    return meta["sdconv.options"] == json.dumps(options, sort_keys=True)
+    return meta[metakeys.OPTIONS] == json.dumps(options, sort_keys=True)
 
 
 def _existing_outputs(out: Path, registry) -> list[Path]:
@@ -117,10 +120,9 @@ class Record:
         return json.dumps(self.__dict__, sort_keys=True)
 
 
-def _convert_one(inp: Path, out: Path, convert_kw: dict, options: dict, registry) -> Record:
-    from .engine import convert
+def _convert_one(inp: Path, out: Path, options: ConvertOptions, registry) -> Record:
     try:
-        r = convert(inp, out, force=True, options=options, registry=registry, **convert_kw)
+        r = convert(inp, out, options.replace(force=True), registry=registry, record=options.record())
     except SdconvError as e:
         return Record(str(inp), "failed", error=str(e), exit_code=e.exit_code)
     return Record(str(inp), "converted", [str(o) for o in r.outputs], r.plan.read.layout.name,
@@ -128,14 +130,17 @@ def _convert_one(inp: Path, out: Path, convert_kw: dict, options: dict, registry
                   [w for p in r.plans for e in p.encoders for w in e.warnings])
 
 
-def run_batch(inputs: list[Path], out_dir: Path, convert_kw: dict, options: dict, force: bool,
-              continue_on_error: bool, registry, on_record=None) -> list[Record]:
-    """Convert each input into out_dir; returns one Record per input."""
-    target = registry.layout(convert_kw["to"])
-    folder_layout = target.layout.output == "folder" or (convert_kw.get("with_vision") and target.layout.vision
+def run_batch(inputs: list[Path], out_dir: Path, options: ConvertOptions, *, continue_on_error: bool = False,
+              registry: Registry = DEFAULT, on_record=None) -> list[Record]:
+    """Convert each input into out_dir; returns one Record per input (`on_record(record)` is
+    called as each is done). With options.force, up-to-date outputs are redone and outputs
+    sdconv did not make are replaced."""
+    force = options.force
+    target = registry.layout(options.to)
+    folder_layout = target.layout.output == "folder" or (options.with_vision and target.layout.vision
                                                          and target.layout.vision.output == "folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {inp: output_for(inp, out_dir, folder_layout, convert_kw.get("fmt")) for inp in inputs}
+    outputs = {inp: output_for(inp, out_dir, folder_layout, options.fmt) for inp in inputs}
     seen: dict[Path, Path] = {}
     for inp, out in outputs.items():
         if out in seen:
@@ -151,7 +156,7 @@ def run_batch(inputs: list[Path], out_dir: Path, convert_kw: dict, options: dict
             records.append(Record(str(inp), "not run", reason="an earlier input failed (--continue-on-error goes on)"))
             continue
         made = _existing_outputs(out, registry)
-        same = [_made_by_sdconv_with(p, options) for p in made]
+        same = [_made_by_sdconv_with(p, options.record()) for p in made]
         fresh = made and all(same) and min(_newest_mtime(p) for p in made) >= _newest_mtime(inp)
         if fresh and not force:
             rec = Record(str(inp), "skipped", [str(p) for p in made], reason="up to date (same options, newer)")
@@ -159,7 +164,7 @@ def run_batch(inputs: list[Path], out_dir: Path, convert_kw: dict, options: dict
             rec = Record(str(inp), "failed", error=f"{made[0]} exists and was not made by sdconv (--force replaces it)",
                          exit_code=6)
         else:
-            rec = _convert_one(inp, out, convert_kw, options, registry)
+            rec = _convert_one(inp, out, options, registry)
             # the CLI runs with cyclic GC off (cli._Group.invoke); what this conversion left in
             # reference cycles is freed here, scanning only the objects made since the last input
             gc.collect(0)

@@ -8,11 +8,16 @@ with the relative drift of each block so a fine-tuned layer stands out.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from .converters.analyse import analyse, read_input
+from .converters.execute import load_canonical
+from .converters.registry import DEFAULT, Registry
+from .converters.schema import LAYER
+from .converters.templates import layer_pattern
+from .converters.synthetic import findings
 from .errors import UsageError
-from .plan import LAYER
+from .options import check_params
 
 ROUNDINGS = ("float16", "bfloat16")
 
@@ -29,14 +34,10 @@ class Side:
     synthetic: list             # what looks fabricated (synthetic.findings, deep)
 
 
-def load_side(path, from_=None, encoder=None, params=None, registry=None) -> Side:
-    from .engine import _parse_params, analyse, read_input
-    from .execute import load_canonical
-    from .synthetic import findings
-
-    from .registry import DEFAULT
-    given = _parse_params(params)
-    source, reads, _ = read_input(path, from_, given, registry or DEFAULT)
+def load_side(path, from_=None, encoder=None, params=None, registry: Registry = DEFAULT) -> Side:
+    """One side of a comparison: its encoder's canonical tensors, as stored, and what is known of it."""
+    given = check_params(params)
+    source, reads, _ = read_input(path, from_, given, registry)
     found = analyse(source, reads, given)
     names = [f.identity for f in found]
     if encoder:
@@ -58,7 +59,7 @@ def _group(family, name: str) -> str:
     """Which part of the encoder a canonical tensor belongs to: 'block 3', or its own name."""
     for t in family.tensors:
         if LAYER in t.name:
-            m = re.fullmatch(re.escape(t.name).replace(re.escape(LAYER), r"(\d+)"), name)
+            m = layer_pattern(t.name).fullmatch(name)
             if m:
                 return f"block {m.group(1)}"
     return name.rsplit(".", 1)[0]
@@ -99,11 +100,15 @@ def _stats(x, y) -> dict:
     return {"cosine": float(cos.min()), "max_abs": float((x - y).abs().max())}
 
 
-def verify(a_path, b_path, encoder=None, from_a=None, from_b=None, params_a=None, params_b=None,
-           prompts=None, tokenizer=None, atol: float = 1e-5, registry=None) -> dict:
+def verify(a_path, b_path, *, encoder=None, from_a=None, from_b=None, params_a=None, params_b=None,
+           prompts=None, tokenizer=None, atol: float = 1e-5, registry: Registry = DEFAULT) -> dict:
+    """Are the text encoders in `a_path` and `b_path` the same model? Both run through the built-in
+    CLIP forward pass (fp32) on fixed probes (and `prompts`, with a `tokenizer` folder); the
+    report (a dict, as `sdconv verify --json` prints it) has each side, the weights compared,
+    per-probe cosine and max-abs of each output, a `verdict` and an `exit_code` (0: the same)."""
     import torch
 
-    from .forward import PROBE_ROWS, as_float32, encode, probe_ids
+    from .clip_forward import PROBE_ROWS, as_float32, encode, probe_ids
     a = load_side(a_path, from_a, encoder, params_a, registry)
     b = load_side(b_path, from_b, encoder, params_b, registry)
     w = compare_weights(a, b)
@@ -166,36 +171,3 @@ def _tokenize(prompts, tokenizer, context):
     tok = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=context)
     ids = tok(list(prompts), padding="max_length", truncation=True, max_length=context, return_tensors="pt").input_ids
     return ids.to(torch.long)
-
-
-def render(r: dict) -> str:
-    lines = []
-    for side in ("a", "b"):
-        s = r[side]
-        lines.append(f"{side}: {s['file']} ({s['layout']}, {s['encoder']}, heads {s['params']['heads']}, "
-                     f"{s['params']['act']}, {', '.join(f'{k} x{v}' for k, v in sorted(s['dtypes'].items()))})")
-        for x in s["synthetic"]:
-            lines.append(f"  SYNTHETIC? {x}")
-    w = r["weights"]
-    if not w["same_shapes"]:
-        lines.append(f"different shapes: {', '.join(w['shape_differences'])}")
-    for who, names in w.get("only", {}).items():
-        if names:
-            lines.append(f"only in {who}: {', '.join(names)}")
-    if r.get("probes"):
-        lines.append(f"{'probe':<16} {'last hidden cos / max-abs':>28} {'pooled cos / max-abs':>26} "
-                     f"{'projected cos / max-abs':>26}")
-        for p in r["probes"]:
-            cells = []
-            for out in ("last_hidden", "pooled", "projected"):
-                c = p.get(out)
-                cells.append(f"{c['cosine']:.8f} / {c['max_abs']:.2e}" if c else "-")
-            lines.append(f"{p['name'][:16]:<16} {cells[0]:>28} {cells[1]:>26} {cells[2]:>26}")
-    if w.get("same_shapes") and not w.get("identical"):
-        parts = sorted(w["parts"], key=lambda x: -x["relative_drift"])
-        lines.append("relative weight drift by part (largest first):")
-        for p in parts[:8]:
-            lines.append(f"  {p['part']:<16} {p['relative_drift']:.3e}")
-    lines.append(f"verdict: {r['verdict']}" + (f" (outputs differ by at most {r['max_abs']:.2e})"
-                                               if "max_abs" in r else ""))
-    return "\n".join(lines)

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .configs import ACTIVATIONS as ACTS
+from .converters.configs import ACTIVATIONS as ACTS
 
 __all__ = ["ACTS", "BOS", "EOS", "PROBE_ROWS", "as_float32", "encode", "num_layers", "probe_ids"]
 

@@ -1,11 +1,21 @@
-"""Typed errors. The engine raises these; the CLI turns each into one line and an exit code.
+"""Typed errors. The library raises these; the CLI turns each into one line and its type's exit
+code. Every message says what was wrong and how to fix it.
 
-Every message says what was wrong and how to fix it. Exit codes (documented in the README and
-in `sdconv --help`):
-  1 verification failed · 2 usage · 3 unreadable or malformed input · 4 refused as unsafe ·
-  5 layout: detection failed or ambiguous, or the file does not match --from ·
-  6 output refused (exists, or is the input)
+The exit codes are declared here, once (EXIT_CODES); `sdconv --help` and docs/reliability.md
+list them.
 """
+
+SUCCESS, VERIFY_FAILED, INTERRUPTED = 0, 1, 130
+EXIT_CODES = {
+    SUCCESS: "success",
+    VERIFY_FAILED: "verification failed",
+    2: "usage",
+    3: "unreadable input",
+    4: "refused as unsafe",
+    5: "layout not found/ambiguous",
+    6: "output refused (exists without --force, or is the input)",
+    INTERRUPTED: "interrupted (Ctrl-C, SIGTERM): nothing was written",
+}
 
 
 class SdconvError(Exception):

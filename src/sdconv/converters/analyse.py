@@ -1,0 +1,157 @@
+"""Reading an input: open it, find its encoders (detected or --from), and learn everything the
+headers say of each (architecture, identity, heads and activation, absent blocks, the health of
+the buffers it carries). Then the repairs and warnings that follow from that health.
+Nothing here reads more than a few small tensors."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..errors import InputError, LayoutError
+from . import configs, metakeys
+from .detect import detect, read_layout
+from .folders import open_source
+from .arch import absent_last_blocks, identify, infer_arch, resolve_params
+from .plan import ReadPlan
+from .registry import DEFAULT, Registry
+from .sources import Source
+from .synthetic import position_ids_health
+
+
+@dataclass
+class Found:
+    """An encoder read from the input, with everything known about it."""
+    read: ReadPlan
+    arch: dict
+    identity: str
+    identity_origin: str
+    params: dict
+    param_origin: dict
+    absent_last: int
+    notes: list[str]
+    grafts: dict = field(default_factory=dict)
+    health: dict = field(default_factory=dict)      # buffer name -> position_ids_health(...)
+    warnings: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+
+
+def read_input(input, from_: str | None = None, given: dict | None = None, registry: Registry = DEFAULT):
+    """Open the input and read its encoders: (source, [ReadPlan], verdicts or None)."""
+    given = given or {}
+    src_layout = registry.layout(from_) if from_ else None      # unknown names fail before reading
+    source = open_source(input)
+    if src_layout is None:
+        reads, verdicts = detect(source, registry, given.get("encoder"))
+        return source, reads, verdicts
+    try:
+        return source, read_layout(source, src_layout, given.get("encoder")), None
+    except LayoutError as e:
+        hint = "check --from"
+        try:
+            found, _ = detect(source, registry)
+            hint = f"it looks like {found[0].layout.name}: use --from {found[0].layout.name} or --from auto"
+        except LayoutError:
+            pass
+        raise LayoutError(f"--from {from_}: {e.message}", hint)
+
+
+def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
+    """Architecture, identity and parameters of each encoder read (headers only)."""
+    family = reads[0].layout.family
+    found = []
+    for rp in reads:
+        arch = infer_arch(family, rp.shapes, rp.layers, f"{source.path} ({rp.layout.name} {rp.slot.name}): ")
+        from_input, origin, cfg_notes = _input_params(source, rp, arch)
+        ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
+        pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
+        absent, depth = absent_last_blocks(family, ident, arch, rp.slot, int(from_input.get("absent_last", 0)))
+        f = Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth)
+        _check_dtypes(source, f)
+        f.health = _buffer_health(source, f)
+        found.append(f)
+    return found
+
+
+def _check_dtypes(source: Source, f: Found):
+    """Weights must be floating point; a mixture of float dtypes is said (OpenAI's releases
+    keep norms and embeddings in fp32 beside fp16 matrices, merges sometimes mix by accident)."""
+    counts: dict = {}
+    for op in f.read.ops:
+        for k in op.keys:
+            info = source.info(k)
+            if not info.is_float:
+                raise InputError(f"{source.path}: {k} holds {info.dtype} values; a text encoder's weights are "
+                                 f"floating point", "the file is damaged, or this key is not what the layout says")
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+    if len(counts) > 1:
+        f.notes.append("mixed dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+                       + " (--dtype makes them one)")
+
+
+def _buffer_health(source: Source, f: Found) -> dict:
+    """Classify each rebuilt-not-copied buffer the source holds (position_ids): exact,
+    drifted (floats that round back: recoverable) or corrupt."""
+    out = {}
+    fam = f.read.layout.family
+    for name, key in f.read.buffers.items():
+        spec = fam.buffers.get(name)
+        if spec is None or spec.synthesize != "arange":
+            continue
+        info = source.info(key)
+        n = info.shape[-1] if info.shape else 0
+        out[name] = {"key": key, **position_ids_health(source.raw(key), info.dtype, n)}
+    return out
+
+
+def apply_repairs(found: list[Found], fix_position_ids: bool, strict: bool):
+    """Drifted position_ids: a warning, or a recorded repair with --fix-position-ids. Corrupt
+    ones: refused without it. --strict turns every warning into an error."""
+    for f in found:
+        for name, h in f.health.items():
+            bad = h.get("bad_indices", [])
+            where = f"{h['key']} ({h['dtype']}, wrong at {bad[:8]}{'...' if len(bad) > 8 else ''})"
+            if h["status"] == "drifted":
+                if fix_position_ids:
+                    f.repairs.append(f"{name}: drifted {where}; rewritten as an int64 arange")
+                else:
+                    f.warnings.append(f"{name} drifted: {where} in runtimes that truncate; outputs that hold "
+                                      f"{name} get a fresh int64 arange (pass --fix-position-ids to record the repair)")
+            elif h["status"] == "corrupt":
+                if not fix_position_ids:
+                    raise InputError(f"{f.read.layout.name} {f.identity}: {name} are corrupt: {where}; runtimes "
+                                     f"that load them read tokens at wrong positions",
+                                     "pass --fix-position-ids to write a correct int64 arange (recorded)")
+                f.repairs.append(f"{name}: corrupt {where}; rewritten as an int64 arange")
+        f.repairs += [f"{k}: {why}" for k, why in sorted(f.read.repairs.items())]
+        if strict and f.warnings:
+            raise InputError(f"--strict: {f.warnings[0]}", "fix the input, or run without --strict")
+
+
+def _input_params(source: Source, rp: ReadPlan, arch: dict):
+    """What the input says of itself: heads/act from its config file, else from sdconv's own
+    metadata; which encoder it is from that metadata."""
+    got, origin, notes = {}, "", []
+    meta = source.metadata(rp.folder)
+    try:
+        per = json.loads(meta.get(metakeys.ENCODERS, "{}"))
+        mine = per.get(rp.slot.name) or (next(iter(per.values())) if len(per) == 1 else None)
+        if mine is not None:
+            got, origin = dict(mine.get("params", {})), "input metadata"
+            if mine.get("absent_last_blocks"):
+                got["absent_last"] = int(mine["absent_last_blocks"])
+        elif metakeys.PARAMS in meta:
+            got = {k: v for k, v in json.loads(meta[metakeys.PARAMS]).items() if k in ("heads", "act")}
+            origin = "input metadata"
+    except (ValueError, AttributeError, TypeError):
+        got = {}
+    if meta.get(metakeys.ENCODER):
+        got["encoder"] = meta[metakeys.ENCODER]
+    cfg_spec = rp.slot.config
+    cfg = source.read_json(rp.folder + cfg_spec.file) if cfg_spec is not None else None
+    if cfg is not None:
+        read = configs.READERS[cfg_spec.format](cfg)
+        got.update(read["params"])
+        origin = rp.folder + cfg_spec.file
+        notes = [f"{rp.folder + cfg_spec.file} says {k} = {v}, the weights say {arch[k]}"
+                 for k, v in read["declared"].items() if k in arch and arch[k] != v]
+    return got, origin, notes

@@ -1,0 +1,114 @@
+"""Atomic outputs: an output (file or folder) is built under a temporary name beside it and
+renamed into place when complete; on any failure, or Ctrl-C, the temporary is removed and an
+existing output is left untouched. Without --force nothing is ever replaced, even an output
+another run made meanwhile."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import OutputError
+
+
+def _ordinary_permissions(path: Path):
+    """Temporary files are private (0600/0700); the output gets what a plain open() would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+class AtomicOutput:
+    """Build an output (file or folder) under a temporary name beside it, then rename it into
+    place; on any failure the temporary is removed and an existing output is left untouched.
+    `companions`: files that go beside the output (a .pt file's JSON sidecar), built in the same
+    temporary folder (`companion(path)`) and placed by the same rules, right after it."""
+
+    def __init__(self, final: Path, folder: bool, force: bool, companions=()):
+        self.final, self.folder, self.force = Path(final), folder, force
+        self.companions = [Path(c) for c in companions]
+        for path in [self.final, *self.companions]:
+            if path.exists() and not force:
+                raise OutputError(f"{path} already exists", "pass --force to replace it")
+        parent = self.final.parent
+        if not parent.is_dir():
+            raise OutputError(f"{parent}: the output's folder does not exist", "create it first")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"{parent}: cannot write there (not writable)", "choose a writable output folder")
+
+    def __enter__(self) -> Path:
+        try:
+            d = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".sdconv-tmp", dir=self.final.parent)
+        except OSError as e:
+            raise OutputError(f"{self.final.parent}: cannot write there ({e.strerror or e})",
+                              "choose a writable output folder")
+        self._tmpdir = Path(d)
+        self.tmp = self._tmpdir / "out" if self.folder else self._tmpdir / self.final.name
+        if self.folder:
+            self.tmp.mkdir()
+        return self.tmp
+
+    def companion(self, final: Path) -> Path:
+        """Where to write the companion `final` (one of `companions`) until it is placed."""
+        if Path(final) not in self.companions:
+            raise ValueError(f"internal error: {final} is not a companion of {self.final}")
+        return self._tmpdir / f"companion.{Path(final).name}"
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._place(self.tmp, self.final)
+                for c in self.companions:
+                    tmp = self.companion(c)
+                    if tmp.exists():
+                        self._place(tmp, c)
+        finally:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        return False
+
+    def _place(self, tmp: Path, final: Path):
+        _ordinary_permissions(tmp)
+        if not self.force:
+            place_new(tmp, final)
+            return
+        if final.is_dir() and not final.is_symlink():
+            os.replace(final, self._tmpdir / f"old.{final.name}")   # removed with the temporary
+        elif tmp.is_dir() and final.exists():
+            final.unlink()
+        os.replace(tmp, final)
+
+
+def place_new(tmp: Path, final: Path):
+    """Rename tmp to final only if final does not exist, atomically: it was checked up front,
+    but another run may have made it since. A file goes in as a hard link (which fails if the
+    name exists) and its temporary name is dropped; a folder by rename (which fails over a
+    non-empty folder or a file). Without hard links (some network and FAT file systems), the
+    check and the rename are separate steps."""
+    clash = OutputError(f"{final} appeared while this conversion ran (another run writing it?); it was left as it is",
+                        "pass --force to replace it")
+    if tmp.is_dir():
+        if final.exists() and not final.is_dir():
+            raise clash
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise clash from None
+            raise
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise clash from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        if final.exists():
+            raise clash from None
+        os.rename(tmp, final)
+    else:
+        tmp.unlink()

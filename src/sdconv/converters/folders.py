@@ -1,0 +1,137 @@
+"""Opening an input: a file by its suffix, a model folder (every weight file at the root and one
+level down, as diffusers components are, keys of a sub-folder prefixed with `<sub>/`; its JSON
+files, such as config.json, readable too), or a transformers shard index (*.index.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InputError, UnsafeInputError
+from .pickles import PickleSource
+from .sources import PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource, Source
+
+# Weight files a folder may hold, in order of preference (variants such as model.fp16.* last).
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class ShardedSource(Source):
+    """A transformers *.index.json: keys spread over several files."""
+    container = "sharded"
+
+    def __init__(self, index: Path):
+        self.path = index
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, OSError) as e:
+            raise InputError(f"{index}: unreadable shard index ({e})")
+        self._shards = {f: open_file(index.parent / f) for f in sorted(set(wm.values()))}
+        self._where = {k: self._shards[f] for k, f in wm.items()}
+
+    def keys(self):
+        return list(self._where)
+
+    def info(self, key):
+        return self._where[key].info(key)
+
+    def load(self, key):
+        return self._where[key].load(key)
+
+    def raw(self, key):
+        return self._where[key].raw(key)
+
+    def files(self):
+        return [p for s in self._shards.values() for p in s.files()]
+
+
+def _weights_in(d: Path) -> Path | None:
+    for name in FOLDER_WEIGHTS:
+        if (d / name).is_file():
+            return d / name
+    found = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in SAFETENSORS_EXT + PICKLE_EXT)
+    return found[0] if len(found) == 1 else None
+
+
+class FolderSource(Source):
+    is_folder = True
+    container = "folder"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._parts: dict[str, Source] = {}
+        root = _weights_in(path)
+        if root is not None:
+            self._parts[""] = open_file(root)
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            w = _weights_in(sub)
+            if w is not None:
+                self._parts[sub.name + "/"] = open_file(w)
+        if not self._parts:
+            raise InputError(f"{path}: a folder with no weight files",
+                             f"expected one of {', '.join(FOLDER_WEIGHTS[:3])} in it or in a sub-folder")
+        self._where = {}
+        for pre, src in self._parts.items():
+            for k in src.keys():
+                self._where[pre + k] = (src, k)
+
+    @property
+    def has_root_weights(self) -> bool:
+        return "" in self._parts
+
+    def keys(self):
+        return list(self._where)
+
+    def info(self, key):
+        src, k = self._where[key]
+        return src.info(k)
+
+    def load(self, key):
+        src, k = self._where[key]
+        return src.load(k)
+
+    def raw(self, key):
+        src, k = self._where[key]
+        return src.raw(k)
+
+    def metadata(self, folder: str = ""):
+        part = self._parts.get(folder)
+        return part.metadata() if part is not None else {}
+
+    def read_json(self, rel):
+        p = self.path / rel
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (ValueError, OSError) as e:
+            raise InputError(f"{p}: unreadable JSON ({e})")
+
+    def files(self):
+        return [p for s in self._parts.values() for p in s.files()]
+
+
+def open_file(path: Path) -> Source:
+    try:
+        if path.suffix in SAFETENSORS_EXT:
+            return SafetensorsSource(path)
+        if path.suffix in PICKLE_EXT or path.suffix.endswith(".json"):
+            if path.name.endswith(".index.json"):
+                return ShardedSource(path)
+            return PickleSource(path)
+    except (InputError, UnsafeInputError):
+        raise
+    except (Exception, RecursionError) as e:     # a damaged file can fail anywhere below (zipfile, torch)
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})",
+                         "the file is damaged or is not a checkpoint")
+    raise InputError(f"{path}: unknown file type {path.suffix!r}",
+                     f"sdconv reads {', '.join(SAFETENSORS_EXT + PICKLE_EXT)} files and model folders")
+
+
+def open_source(path) -> Source:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return FolderSource(path)
+    return open_file(path)

@@ -1,0 +1,93 @@
+"""The options of a conversion, as one frozen, keyword-only object, and the choices they take.
+
+The command line builds a ConvertOptions from its flags; the Python API takes one (or the same
+fields as keywords). Every choice (output formats, dtypes, parameter names) is declared here or
+in the dtype table, once, and the command line offers exactly these.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from .converters.dtypes import DTYPE_CHOICES
+from .errors import UsageError
+
+FORMATS = ("safetensors", "pt")                 # output containers (--format)
+PARAM_NAMES = ("heads", "act", "encoder")       # what --param may say
+AUTO = "auto"                                   # --from auto: detect the layout
+
+
+def check_params(params: Mapping | None) -> dict:
+    """--param NAME=VALUE pairs, checked: only the names the engine knows."""
+    out = {}
+    for k, v in (params or {}).items():
+        if k not in PARAM_NAMES:
+            raise UsageError(f"unknown parameter {k!r}", f"known: {', '.join(PARAM_NAMES)}")
+        out[k] = v
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    """How to convert: every choice of `sdconv convert` but the input and output paths.
+
+    Example:
+        ConvertOptions(to="hf", dtype="fp16")
+        ConvertOptions(to="openai", encoder="all", projection="ViT-L-14.pt")
+    """
+    to: str                                     # the target layout (see `sdconv layouts`)
+    from_: str | None = None                    # the input's layout; None or "auto": detect it
+    params: Mapping = field(default_factory=dict)   # heads, act, encoder: what the weights cannot say
+    fmt: str | None = None                      # safetensors or pt; None: from the output's suffix
+    dtype: str = "keep"                         # keep, fp32, fp16, bf16 (floats only)
+    encoder: str | None = None                  # one encoder of several (clip_l, clip_g), or "all"
+    projection: str | Path | None = None        # graft the text projection of this reference CLIP
+    replace_projection: bool = False            # ... even over the encoder's own
+    allow_synthetic: bool = False               # ... even if the reference's looks like a placeholder
+    with_vision: str | Path | None = None       # assemble a whole CLIP with this reference's vision tower
+    force_activation: bool = False              # ... even if the target library runs another activation
+    fix_position_ids: bool = False              # repair drifted or corrupt position_ids (recorded)
+    strict: bool = False                        # warnings are errors
+    force: bool = False                         # replace existing outputs
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_CHOICES:
+            raise UsageError(f"unknown dtype {self.dtype!r}", f"choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.fmt is not None and self.fmt not in FORMATS:
+            raise UsageError(f"unknown format {self.fmt!r}", f"choose one of {', '.join(FORMATS)}")
+        object.__setattr__(self, "params", MappingProxyType(check_params(self.params)))
+        if self.from_ == AUTO:
+            object.__setattr__(self, "from_", None)
+        if self.encoder == "":
+            object.__setattr__(self, "encoder", None)
+
+    def replace(self, **changes) -> "ConvertOptions":
+        return dataclasses.replace(self, **changes)
+
+    def record(self) -> dict:
+        """The options as plain JSON values (what a batch run records in each output)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "force":
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = dict(v) if f.name == "params" else (str(v) if isinstance(v, Path) else v)
+        return out
+
+    @classmethod
+    def of(cls, options: "ConvertOptions | None", fields: dict) -> "ConvertOptions":
+        """`options`, or one made from keyword fields (not both); unknown fields are a UsageError."""
+        if options is not None and fields:
+            raise UsageError(f"pass options or keywords, not both (got {', '.join(fields)})")
+        if options is not None:
+            return options
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in fields if k not in known]
+        if unknown:
+            raise UsageError(f"unknown option {unknown[0]!r}", f"ConvertOptions takes {', '.join(sorted(known))}")
+        if "to" not in fields:
+            raise UsageError("no target layout", "pass to=LAYOUT")
+        return cls(**fields)
