@@ -17,7 +17,7 @@ The architecture (OpenAI CLIP text tower; transformers ``CLIPTextModel`` is the 
   the end-of-text token 49407 is the largest id; transformers does the same when
   ``config.eos_token_id == 2``); ``projected = pooled @ text_proj.weight.T`` when present.
 
-Only torch is imported here.
+Only torch is imported here (and the names of the activations, from configs.py).
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .converters.configs import ACTIVATIONS as ACTS
+
 __all__ = ["ACTS", "BOS", "EOS", "PROBE_ROWS", "as_float32", "encode", "num_layers", "probe_ids"]
 
-ACTS = ("quick_gelu", "gelu")
 BOS, EOS = 49406, 49407  # CLIP's <|startoftext|> / <|endoftext|> in the 49408-token vocabulary
 
 _BLOCK_PARAMS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_out",

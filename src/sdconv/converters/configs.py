@@ -1,10 +1,16 @@
 """Config-file formats that carry what the weights cannot say (heads, activation), read from
-inputs and written with outputs. A closed vocabulary, like the transforms."""
+inputs and written with outputs. A closed vocabulary, like the transforms, declared by what each
+format serves (SLOT_FORMATS, CLIP_FORMATS): mapping files may name only those."""
 from __future__ import annotations
 
 import json
+from typing import Callable, NamedTuple
 
 from . import dtypes
+
+# The activations sdconv serves: the reference forward pass computes them (clip_forward.py) and
+# every config format can say them (open_clip's has a single quick_gelu flag).
+ACTIVATIONS = ("quick_gelu", "gelu")
 
 # the torch_dtype a transformers config states: floats of 16 bits and wider
 HF_TORCH_DTYPE = {d.code: d.torch for d in dtypes.TABLE if d.is_float and d.size >= 2}
@@ -95,5 +101,17 @@ def write_open_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
     return json.dumps(cfg, indent=2) + "\n"
 
 
-READERS = {"hf_clip_text": read_hf_clip_text}
-WRITERS = {"hf_clip_text": write_hf_clip_text, "hf_clip": write_hf_clip, "open_clip": write_open_clip}
+class SlotFormat(NamedTuple):
+    read: Callable              # config dict -> {"params": ..., "declared": ...}
+    write: Callable             # (arch, params, dtype code) -> text
+
+
+# An encoder slot's config (`encoders: NAME: config:`): read from inputs, written with outputs.
+SLOT_FORMATS = {"hf_clip_text": SlotFormat(read_hf_clip_text, write_hf_clip_text)}
+# A whole CLIP's config (a layout's `vision: config:`), written by --with-vision:
+# (arch, params, dtype code, (vision arch, vision params)) -> text.
+CLIP_FORMATS = {"hf_clip": write_hf_clip, "open_clip": write_open_clip}
+
+# lookups by format name, as analyse.py and output.py use them
+READERS = {k: f.read for k, f in SLOT_FORMATS.items()}
+WRITERS = {**{k: f.write for k, f in SLOT_FORMATS.items()}, **CLIP_FORMATS}

@@ -114,6 +114,13 @@ class Registry:
             for a in s.alternates:
                 if fam.spec(a.canonical[0]) is None:
                     raise MappingError(p, a.line, f"encoder {s.name}: alternate for unknown canonical {a.canonical[0]!r}")
+                if not any(e.canonical == a.canonical for e in nm.entries):     # else it would never be read
+                    raise MappingError(p, a.line, f"encoder {s.name}: alternate for {a.canonical[0]!r}, which naming "
+                                                  f"{nm.name} does not map")
+            act = s.params.get("act")
+            if act is not None and act not in fam.act_choices:
+                raise MappingError(p, s.lines.get("params", 0), f"encoder {s.name}: activation {act!r} is not one "
+                                                                f"of {list(fam.act_choices)}")
             for b in s.buffers:
                 if b not in nm.buffers:
                     raise MappingError(p, 0, f"encoder {s.name}: naming {nm.name} has no buffer {b!r}")

@@ -5,55 +5,155 @@ Three kinds of file: a *family* (the canonical tensors and their symbolic shapes
 *layout* (where a naming sits in a checkpoint: encoder slots, prefixes, aliases, what the
 layout cannot hold). Every error names the file and line, and where it can, the nearest valid
 word.
+
+Each field is declared once, as one row on its dataclass field: `row(check, default=...,
+yaml=...)` (see schema_rows.py). Rules that tie fields together follow each parse.
 """
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MappingError
+from .configs import ACTIVATIONS, CLIP_FORMATS, SLOT_FORMATS
+from .schema_rows import (At, Parsed, as_dict, check_fields, flag, guarded, listed, mapping, named, number, obj, one_of,
+                          parse_object, row, rows, string_set, strings, text, then, whole)
+from .sources import PICKLE_EXT, SAFETENSORS_EXT
 from .transforms import SYNTHESIZERS, TRANSFORMS
-from .yamlload import LineDict, LineList, load_yaml
+from .yamlload import load_yaml
 
 SCHEMA_VERSION = 1
 LAYER = "<layer>"
 _PLACEHOLDER = re.compile(r"<[^>]*>|\{[^}]*\}")
-CONFIG_FORMATS = ("hf_clip_text", "hf_clip", "open_clip")
-PARAM_NAMES = ("heads", "act", "encoder")
+OUTPUTS = ("file", "folder")
 
 
-# ---------------------------------------------------------------- objects
+# ---------------------------------------------------------------- checks
+
+def _template(s: str, at: At, what: str) -> str:
+    for m in _PLACEHOLDER.findall(s):
+        if m != LAYER:
+            raise at.error(f"bad template {s!r} in {what}: unknown placeholder {m}", "the only placeholder is <layer>")
+    if s.count(LAYER) > 1:
+        raise at.error(f"bad template {s!r} in {what}: <layer> appears twice")
+    return s
+
+
+def _key(v, at: At) -> str:
+    return _template(text(v, at), at, "key")
+
+
+def _canonicals(v, at: At) -> tuple[str, ...]:
+    names = [v] if isinstance(v, str) else strings(v, at)
+    return tuple(_template(c, at, "canonical name") for c in names)
+
+
+def _shape(v, at: At) -> tuple:
+    if not isinstance(v, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+        raise at.error(f"{at.what}: a shape is a list of symbols or integers, found {v!r}")
+    return tuple(v)
+
+
+def _sizes(v, at: At) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise at.error(f"{at.what}: a shape here is a list of sizes (whole numbers), found {v!r}")
+    return tuple(v)
+
+
+def _plain(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\")
+
+
+def _file(*suffixes: str):
+    """A file that sdconv writes in an output folder and reads back: a plain name (with the
+    suffix its format is read by)."""
+    def check(v, at: At) -> str:
+        if not _plain(text(v, at)) or (suffixes and not v.endswith(suffixes)):
+            raise at.error(f"{at.what} must be a file name" + (f" ending in {' or '.join(suffixes)}" if suffixes else "")
+                           + f", found {v!r}", "a plain name: the file sits beside the weights, in the output folder")
+        return v
+    return check
+
+
+def _prefix(v, at: At) -> str:
+    if "/" in text(v, at) and not _plain(v.rsplit("/", 1)[0]):
+        raise at.error(f"{at.what} {v!r}: only one plain folder name may come before '/'",
+                       "sdconv writes and reads a folder's weights at its root or one folder down")
+    return v
+
+
+def _file_name(v, at: At) -> str:
+    """The `name` of a mapping file: a plain word, and the file's own name."""
+    name = text(v, at)
+    if not re.fullmatch(r"[a-z][a-z0-9_\-]*", name):
+        raise at.error(f"bad name {name!r}", "use lower-case letters, digits, _ and -")
+    stem = Path(at.path).stem
+    if stem != name:
+        raise at.error(f"name {name!r} differs from the file name {stem!r}")
+    return name
+
+
+def _equals(want, message: str, hint: str | None = None):
+    def check(v, at: At):
+        if v != want:
+            raise at.error(message.format(v), hint)
+    return check
+
+
+_transform = one_of(TRANSFORMS, "transform")
+_act = one_of(ACTIVATIONS, "activation")
+
+
+_SLOT, _CLIP = "an encoder slot", "a whole CLIP (vision: config)"
+_slot_format = one_of(SLOT_FORMATS, "config format", here=_SLOT, elsewhere=CLIP_FORMATS, there=_CLIP)
+_clip_format = one_of(CLIP_FORMATS, "config format", here=_CLIP, elsewhere=SLOT_FORMATS, there=_SLOT)
+
+
+# ---------------------------------------------------------------- family
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(Parsed):
     name: str                   # canonical template, may hold <layer>
-    shape: tuple                # symbols (str) or ints
-    optional: bool = False
-    sample: float | None = None   # fixed value for synthetic samples (else random)
+    shape: tuple = row(_shape)  # symbols (str) or ints
+    optional: bool = row(flag, default=False)
+    sample: float | None = row(number, default=None)    # fixed value for synthetic samples (else random)
 
 
 @dataclass(frozen=True)
-class BufferSpec:
+class BufferSpec(Parsed):
     name: str
-    shape: tuple
-    dtype: str
-    synthesize: str
+    shape: tuple = row(_shape)
+    dtype: str = row(text)
+    synthesize: str = row(one_of(SYNTHESIZERS, "synthesizer"))
 
 
 @dataclass(frozen=True)
-class Family:
+class Kind(Parsed):
+    """A known encoder (e.g. clip_l = OpenAI ViT-L/14): what its weights cannot say."""
     name: str
-    description: str
-    tensors: tuple[TensorSpec, ...]
-    buffers: dict
-    head_width: int
-    act_choices: tuple[str, ...]
-    act_default: str
-    kinds: dict                 # kind name -> Kind
-    presets: dict
+    title: str = row(text)
+    width: int = row(whole(1))
+    layers: int = row(whole(1))
+    heads: int = row(whole(1))
+    act: str = row(text)
+
+
+@dataclass(frozen=True)
+class Family(Parsed):
+    name: str = row(_file_name)
+    description: str = row(text)
+    tensors: tuple[TensorSpec, ...] = row(named(TensorSpec, "tensor {}", key=lambda k, at: _template(text(k, at), at, "tensors"),
+                                                shorthand=(list, "shape"), into=tuple))
+    head_width: int = row(whole(1), yaml="params.heads.head_width")
+    act_choices: tuple[str, ...] = row(listed(_act), yaml="params.act.choices")
+    act_default: str = row(text, yaml="params.act.default")
     path: Path
+    buffers: dict = row(named(BufferSpec, "buffer {}"), default={})
+    kinds: dict = row(named(Kind, "kind {}"), default={})       # kind name -> Kind
+    presets: dict = row(mapping(mapping(lambda v, at: v)), default={})     # checked against the tensors
+    overrides: bool = row(flag, default=False)
 
     def kind_by_width(self, width):
         return next((k for k in self.kinds.values() if k.width == width), None)
@@ -62,63 +162,84 @@ class Family:
         return next((t for t in self.tensors if t.name == template), None)
 
 
-@dataclass(frozen=True)
-class Kind:
-    """A known encoder (e.g. clip_l = OpenAI ViT-L/14): what its weights cannot say."""
-    name: str
-    title: str
-    width: int
-    layers: int
-    heads: int
-    act: str
-
+# ---------------------------------------------------------------- naming
 
 @dataclass(frozen=True)
 class Entry:
-    canonical: tuple[str, ...]  # canonical templates produced on read (1, or 3 for split_qkv)
-    key: str                    # key template relative to the slot prefix
-    transform: str
+    canonical: tuple[str, ...] = row(_canonicals)   # canonical templates produced on read (1, or 3 for split_qkv)
+    key: str = row(_key)                            # key template relative to the slot prefix
+    transform: str = row(_transform, default="rename")
     line: int = 0
 
 
 @dataclass(frozen=True)
-class Naming:
-    name: str
-    description: str
-    entries: tuple[Entry, ...]
-    buffers: dict               # buffer name -> key
+class Naming(Parsed):
+    name: str = row(_file_name)
+    description: str = row(text)
+    tensors: tuple[Entry, ...] = row(named(Entry, "tensor {}", key=lambda k, at: _template(text(k, at), at, "canonical name"),
+                                           shorthand=(str, "key"), into=tuple, given=lambda k: {"canonical": (k,)}))
     path: Path
+    groups: tuple[Entry, ...] = row(listed(obj(Entry, "group", require=("transform",))), default=())
+    buffers: dict = row(mapping(text), default={})      # buffer name -> key
+    overrides: bool = row(flag, default=False)
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return self.tensors + self.groups
+
+
+# ---------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class Alias(Parsed):
+    source: str = row(text, yaml="from")    # key prefix (relative to the slot prefix) as some tool writes it
+    target: str = row(text, yaml="to")      # what it means in this naming
+    repair: str = row(text, default="")     # if reading it repairs a known fault: what (recorded in the ledger)
 
 
 @dataclass(frozen=True)
-class Alias:
-    source: str                 # key prefix (relative to the slot prefix) as some tool writes it
-    target: str                 # what it means in this naming
-    repair: str = ""            # if reading it repairs a known fault: what (recorded in the ledger)
+class ConfigSpec(Parsed):
+    file: str = row(_file())                # in the slot's folder
+    format: str = row(_slot_format)
 
 
 @dataclass(frozen=True)
-class ConfigSpec:
-    file: str                   # relative to the slot's folder
-    format: str
+class VisionConfig(ConfigSpec):
+    """A whole CLIP's config: the same fields, the formats that serve a whole CLIP."""
+    format: str = row(_clip_format)
 
 
 @dataclass(frozen=True)
-class Slot:
-    name: str                   # a kind (clip_l, clip_h, clip_g) or a generic name such as clip
-    prefix: str                 # where the slot is written, and read
-    naming: str
-    aliases: tuple[Alias, ...] = ()
-    omit: frozenset = frozenset()
-    buffers: frozenset = frozenset()
-    params: dict = field(default_factory=dict)
-    config: ConfigSpec | None = None
-    read_prefixes: tuple[str, ...] = ()     # other places the slot is found in files (read only)
-    ignore: tuple[str, ...] = ()            # stray keys under the prefix, skipped with a note
-    alternates: tuple[Entry, ...] = ()      # older spellings, read only (e.g. a bare projection)
-    drop_last_layers: int = 0               # the layout stores this many fewer blocks ...
-    why: str = ""                           # ... and this is why
-    scope: tuple[str, ...] = ()             # only these keys belong to the slot (prefixes end in '.')
+class Weights:
+    """A folder output's weights file, per format."""
+    safetensors: str | None = row(_file(*SAFETENSORS_EXT), default=None)
+    pt: str | None = row(_file(*PICKLE_EXT), default=None)
+
+
+@dataclass(frozen=True)
+class Params:
+    """What a layout may say of an encoder that its weights cannot: the defaults that
+    plan.resolve_params reads (act is held to the family's choices when the layout is resolved)."""
+    heads: int | None = row(whole(1), default=None)
+    act: str | None = row(_act, default=None)
+
+
+@dataclass(frozen=True)
+class Slot(Parsed):
+    name: str                               # a kind (clip_l, clip_h, clip_g) or a generic name such as clip
+    prefix: str = row(_prefix)              # where the slot is written, and read
+    naming: str = row(text)
+    aliases: tuple[Alias, ...] = row(listed(obj(Alias, "alias")), default=())
+    omit: frozenset = row(string_set, default=frozenset())
+    buffers: frozenset = row(string_set, default=frozenset())
+    params: dict = row(then(obj(Params), as_dict), default={})
+    config: ConfigSpec | None = row(obj(ConfigSpec, "config"), default=None)
+    read_prefixes: tuple[str, ...] = row(listed(_prefix), default=())   # other places the slot is found in files (read only)
+    ignore: tuple[str, ...] = row(strings, default=())          # stray keys under the prefix, skipped with a note
+    alternates: tuple[Entry, ...] = row(listed(obj(Entry, "alternate", require=("transform",))), default=())
+    drop_last_layers: int = row(whole(0), default=0)            # the layout stores this many fewer blocks ...
+    why: str = row(text, default="")                            # ... and this is why
+    scope: tuple[str, ...] = ()             # only these keys belong to the slot (prefixes end in '.'); not in YAML
 
     @property
     def folder(self) -> str:
@@ -127,198 +248,100 @@ class Slot:
 
 
 @dataclass(frozen=True)
-class VisionSpec:
+class VisionSpec(Parsed):
     """How a layout holds a whole CLIP (for --with-vision): the vision tower's naming, which keys
     are the vision side's, and the output's form."""
-    family: str
-    naming: str
-    scope: tuple[str, ...]
-    output: str                 # file or folder
-    weights: dict               # folder outputs: format -> weights file name
-    config: ConfigSpec | None
+    family: str = row(text)
+    naming: str = row(text)
+    scope: tuple[str, ...] = row(strings)
+    output: str = row(one_of(OUTPUTS))
+    weights: dict = row(then(obj(Weights, "vision weights"), as_dict), default={})   # folder outputs: format -> file
+    config: ConfigSpec | None = row(obj(VisionConfig, "vision config"), default=None)
+
+
+def _encoders(v, at: At) -> dict:
+    if not isinstance(v, dict) or not v:
+        raise at.error("encoders must map at least one slot name to its settings")
+    return named(Slot, "encoder {}")(v, at)
 
 
 @dataclass(frozen=True)
-class Layout:
-    name: str
-    family: str
-    description: str
-    output: str                 # "file" or "folder"
-    folder_weights: dict
-    slots: dict
-    ignore: tuple[str, ...]
-    priority: int
-    sample_extra: dict
-    components: dict            # other parts of a checkpoint, for inspect: name -> key prefixes
+class Layout(Parsed):
+    name: str = row(_file_name)
+    family: str = row(text)
+    description: str = row(text)
+    output: str = row(one_of(OUTPUTS))      # "file" or "folder"
+    slots: dict = row(_encoders, yaml="encoders")
     path: Path
-    vision: VisionSpec | None = None
-    overrides: bool = False     # a user layout that replaces the built-in of the same name
-
-
-# ---------------------------------------------------------------- checks
-
-def _fields(d: LineDict, path, allowed: dict, where: str):
-    """Reject unknown fields (suggesting the nearest) and missing required ones."""
-    if not isinstance(d, dict):
-        raise MappingError(path, getattr(d, "line", 0), f"{where} must be a mapping")
-    for k in d:
-        if k not in allowed:
-            near = difflib.get_close_matches(str(k), list(allowed), n=1)
-            hint = f"did you mean {near[0]!r}?" if near else f"allowed: {', '.join(allowed)}"
-            raise MappingError(path, d.line_of(k), f"unknown field {k!r} in {where}", hint)
-    for k, required in allowed.items():
-        if required and k not in d:
-            raise MappingError(path, d.line, f"{where} lacks the required field {k!r}")
-
-
-def _str(v, path, line, what) -> str:
-    if not isinstance(v, str):
-        raise MappingError(path, line, f"{what} must be a string, found {v!r}")
-    return v
-
-
-def _template(s: str, path, line, what) -> str:
-    for m in _PLACEHOLDER.findall(s):
-        if m != LAYER:
-            raise MappingError(path, line, f"bad template {s!r} in {what}: unknown placeholder {m}",
-                               "the only placeholder is <layer>")
-    if s.count(LAYER) > 1:
-        raise MappingError(path, line, f"bad template {s!r} in {what}: <layer> appears twice")
-    return s
-
-
-def _transform(name, path, line) -> str:
-    if name not in TRANSFORMS:
-        near = difflib.get_close_matches(str(name), list(TRANSFORMS), n=1)
-        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(TRANSFORMS)}"
-        raise MappingError(path, line, f"unknown transform {name!r}", hint)
-    return name
-
-
-def _header(d, path, kind):
-    if d.get("schema") != SCHEMA_VERSION:
-        raise MappingError(path, d.line_of("schema"),
-                           f"unsupported schema {d.get('schema')!r}", f"this sdconv reads schema {SCHEMA_VERSION}")
-    if d.get("kind") != kind:
-        raise MappingError(path, d.line_of("kind"), f"expected kind {kind!r}, found {d.get('kind')!r}")
-    name = _str(d.get("name"), path, d.line_of("name"), "name")
-    if not re.fullmatch(r"[a-z][a-z0-9_\-]*", name):
-        raise MappingError(path, d.line_of("name"), f"bad name {name!r}", "use lower-case letters, digits, _ and -")
-    stem = Path(path).stem
-    if stem != name:
-        raise MappingError(path, d.line_of("name"), f"name {name!r} differs from the file name {stem!r}")
-    return name
-
-
-def _shape(v, path, line, what):
-    if not isinstance(v, list) or not all(isinstance(x, (str, int)) for x in v):
-        raise MappingError(path, line, f"{what}: a shape is a list of symbols or integers, found {v!r}")
-    return tuple(v)
+    folder_weights: dict = row(then(obj(Weights, "folder_weights"), as_dict), default={})
+    ignore: tuple[str, ...] = row(strings, default=())
+    priority: int = row(whole(None), default=0, yaml="detect.priority")
+    sample_extra: dict = row(mapping(_sizes), default={}, yaml="sample.extra")
+    components: dict = row(mapping(strings), default={})    # other parts of a checkpoint, for inspect: name -> key prefixes
+    vision: VisionSpec | None = row(obj(VisionSpec, "vision"), default=None)
+    overrides: bool = row(flag, default=False)              # a user layout that replaces the built-in of the same name
 
 
 # ---------------------------------------------------------------- parsers
 
-def _guarded(parse):
-    """A structure the checks above did not foresee (a list where a mapping belongs, a number
-    where a name belongs) is still a MappingError naming the file, never a traceback."""
-    import functools
-
-    @functools.wraps(parse)
-    def wrapper(path, *args):
-        try:
-            return parse(path, *args)
-        except MappingError:
-            raise
-        except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
-            raise MappingError(path, 0, f"malformed {parse.__name__.replace('parse_', '')} file "
-                                        f"({type(e).__name__}: {e})",
-                               "compare it with a built-in mapping file, or run `sdconv layouts`")
-    return wrapper
+def _parse_file(cls, path, kind: str):
+    d = load_yaml(path)
+    header = {"schema": _equals(SCHEMA_VERSION, "unsupported schema {!r}", f"this sdconv reads schema {SCHEMA_VERSION}"),
+              "kind": _equals(kind, f"expected kind {kind!r}, found {{!r}}")}
+    return parse_object(cls, d, At(path, d.line, kind), header=header, path=Path(path)), d
 
 
-@_guarded
+def _check_presets(fam: Family, d):
+    """A preset (for `sdconv sample`) gives each size the family's tensors need, the number of
+    layers, and the Params (heads, act)."""
+    needed = {s for t in fam.tensors if not t.optional for s in t.shape if isinstance(s, str)}
+    allowed = {**{s: s in needed for t in fam.tensors for s in t.shape if isinstance(s, str)}, "layers": True,
+               **{n: True for n, _, _ in rows(Params)}}
+    checks = {n: r.check for n, _, r in rows(Params)}
+    for pname, p in fam.presets.items():
+        raw = d["presets"][pname]
+        at = At(fam.path, d["presets"].line_of(pname), f"preset {pname}")
+        check_fields(raw, allowed, at)
+        for k, v in p.items():
+            checks.get(k, whole(1))(v, at.to(raw.line_of(k), f"{at.what} {k}"))
+        if p["act"] not in fam.act_choices:
+            raise at.error(f"{at.what}: activation {p['act']!r} is not one of {list(fam.act_choices)}")
+
+
+@guarded
 def parse_family(path) -> Family:
-    d = load_yaml(path)
-    _fields(d, path, {"schema": True, "kind": True, "name": True, "description": True,
-                      "tensors": True, "buffers": False, "params": True, "kinds": False, "presets": False,
-                      "overrides": False}, "family")
-    name = _header(d, path, "family")
-    tensors = []
-    for tname, v in d["tensors"].items():
-        line = d["tensors"].line_of(tname)
-        _template(tname, path, line, "tensors")
-        if isinstance(v, dict):
-            _fields(v, path, {"shape": True, "optional": False, "sample": False}, f"tensor {tname}")
-            tensors.append(TensorSpec(tname, _shape(v["shape"], path, line, tname), bool(v.get("optional", False)),
-                                      v.get("sample")))
-        else:
-            tensors.append(TensorSpec(tname, _shape(v, path, line, tname)))
-    buffers = {}
-    for bname, v in (d.get("buffers") or {}).items():
-        line = d["buffers"].line_of(bname)
-        _fields(v, path, {"shape": True, "dtype": True, "synthesize": True}, f"buffer {bname}")
-        if v["synthesize"] not in SYNTHESIZERS:
-            raise MappingError(path, line, f"unknown synthesizer {v['synthesize']!r}", f"known: {', '.join(SYNTHESIZERS)}")
-        buffers[bname] = BufferSpec(bname, _shape(v["shape"], path, line, bname), v["dtype"], v["synthesize"])
-    p = d["params"]
-    _fields(p, path, {"heads": True, "act": True}, "params")
-    _fields(p["heads"], path, {"head_width": True}, "params.heads")
-    _fields(p["act"], path, {"choices": True, "default": True}, "params.act")
-    act = p["act"]
-    if act["default"] not in act["choices"]:
-        raise MappingError(path, act.line, f"default activation {act['default']!r} is not one of {list(act['choices'])}")
-    kinds = {}
-    for kname, kv in (d.get("kinds") or {}).items():
-        _fields(kv, path, {"title": True, "width": True, "layers": True, "heads": True, "act": True}, f"kind {kname}")
-        if kv["act"] not in act["choices"]:
-            raise MappingError(path, kv.line_of("act"), f"activation {kv['act']!r} is not one of {list(act['choices'])}")
-        kinds[kname] = Kind(kname, str(kv["title"]), int(kv["width"]), int(kv["layers"]), int(kv["heads"]), kv["act"])
-    presets = {}
-    for pname, pv in (d.get("presets") or {}).items():
-        presets[pname] = dict(pv)
-    return Family(name, _str(d["description"], path, d.line_of("description"), "description"), tuple(tensors),
-                  buffers, int(p["heads"]["head_width"]), tuple(act["choices"]), act["default"], kinds, presets,
-                  Path(path))
+    fam, d = _parse_file(Family, path, "family")
+    choices = list(fam.act_choices)
+    if fam.act_default not in choices:
+        raise MappingError(path, d["params"]["act"].line, f"default activation {fam.act_default!r} is not one of {choices}")
+    for k in fam.kinds.values():
+        if k.act not in choices:
+            raise MappingError(path, k.lines["act"], f"activation {k.act!r} is not one of {choices}")
+    for b in fam.buffers.values():
+        if b.dtype != SYNTHESIZERS[b.synthesize]:      # the engine writes what the synthesizer makes
+            raise MappingError(path, b.lines["dtype"], f"buffer {b.name}: synthesizer {b.synthesize!r} makes "
+                                                       f"{SYNTHESIZERS[b.synthesize]}, not {b.dtype}")
+    _check_presets(fam, d)
+    return fam
 
 
-@_guarded
+@guarded
 def parse_naming(path, family: Family) -> Naming:
-    d = load_yaml(path)
-    _fields(d, path, {"schema": True, "kind": True, "name": True, "description": True,
-                      "tensors": True, "groups": False, "buffers": False, "overrides": False}, "naming")
-    name = _header(d, path, "naming")
-    entries = []
-
-    def add(canon: list, key, transform, line):
-        for c in canon:
-            _template(c, path, line, "canonical name")
+    naming, d = _parse_file(Naming, path, "naming")
+    seen = {}
+    for e in naming.entries:
+        for c in e.canonical:
             if family.spec(c) is None:
                 near = difflib.get_close_matches(c, [t.name for t in family.tensors], n=1)
-                raise MappingError(path, line, f"{c!r} is not a canonical tensor of family {family.name}",
+                raise MappingError(path, e.line, f"{c!r} is not a canonical tensor of family {family.name}",
                                    f"did you mean {near[0]!r}?" if near else None)
-        _template(key, path, line, "key")
-        if any(LAYER in c for c in canon) != (LAYER in key):
-            raise MappingError(path, line, f"key {key!r} and canonical {canon} must both use <layer>, or neither")
-        t = TRANSFORMS[_transform(transform, path, line)]
-        if t.n_canonical != len(canon):
-            raise MappingError(path, line, f"transform {transform!r} makes {t.n_canonical} canonical tensor(s), "
-                                           f"{len(canon)} listed")
-        entries.append(Entry(tuple(canon), key, transform, line))
-
-    for cname, v in d["tensors"].items():
-        line = d["tensors"].line_of(cname)
-        if isinstance(v, str):
-            add([cname], v, "rename", line)
-        else:
-            _fields(v, path, {"key": True, "transform": False}, f"tensor {cname}")
-            add([cname], _str(v["key"], path, line, "key"), v.get("transform", "rename"), line)
-    for g in d.get("groups") or []:
-        _fields(g, path, {"canonical": True, "key": True, "transform": True}, "group")
-        if not isinstance(g["canonical"], list):
-            raise MappingError(path, g.line, "group canonical must be a list")
-        add(list(g["canonical"]), _str(g["key"], path, g.line, "key"), g["transform"], g.line)
-    seen = {}
-    for e in entries:
+        if any(LAYER in c for c in e.canonical) != (LAYER in e.key):
+            raise MappingError(path, e.line, f"key {e.key!r} and canonical {list(e.canonical)} must both use <layer>, "
+                                             "or neither")
+        t = TRANSFORMS[e.transform]
+        if t.n_canonical != len(e.canonical):
+            raise MappingError(path, e.line, f"transform {e.transform!r} makes {t.n_canonical} canonical tensor(s), "
+                                             f"{len(e.canonical)} listed")
         for c in e.canonical:
             if c in seen:
                 raise MappingError(path, e.line, f"{c!r} is mapped twice (also at line {seen[c]})")
@@ -326,91 +349,45 @@ def parse_naming(path, family: Family) -> Naming:
     for t in family.tensors:
         if not t.optional and t.name not in seen:
             raise MappingError(path, d.line, f"required canonical tensor {t.name!r} is not mapped")
-    buffers = {}
-    for bname, key in (d.get("buffers") or {}).items():
+    for bname in naming.buffers:
         if bname not in family.buffers:
             raise MappingError(path, d["buffers"].line_of(bname), f"{bname!r} is not a buffer of family {family.name}")
-        buffers[bname] = _str(key, path, d["buffers"].line_of(bname), "buffer key")
-    return Naming(name, d["description"], tuple(entries), buffers, Path(path))
+    return naming
 
 
-@_guarded
+def _weights_named(weights: dict, at: At):
+    names = [k for k, _, _ in rows(Weights)]
+    missing = [k for k in names if k not in weights]
+    if missing:
+        raise at.error(f"{at.what} lacks the required field {missing[0]!r}" if weights else
+                       f"output: folder needs {at.what}", f"a file name for each format: {', '.join(names)}")
+
+
+def _check_alternate(a: Entry, at: At):
+    """What plan_read serves: another spelling of one tensor outside the blocks, read one to one."""
+    t = TRANSFORMS[a.transform]
+    if len(a.canonical) != 1:
+        raise at.error(f"{at.what} names {len(a.canonical)} canonical tensors", "an alternate spells one tensor")
+    if LAYER in a.canonical[0] or LAYER in a.key:
+        raise at.error(f"{at.what} for {a.canonical[0]!r} uses <layer>", "alternates are read only outside the blocks")
+    if (t.n_keys, t.n_canonical) != (1, 1):
+        raise at.error(f"{at.what}: transform {a.transform!r} makes {t.n_canonical} canonical tensor(s) from "
+                       f"{t.n_keys} key(s)", "an alternate reads one key as one tensor")
+
+
+@guarded
 def parse_layout(path) -> Layout:
-    d = load_yaml(path)
-    _fields(d, path, {"schema": True, "kind": True, "name": True, "family": True, "description": True,
-                      "output": True, "folder_weights": False, "encoders": True, "ignore": False,
-                      "detect": False, "sample": False, "components": False, "vision": False,
-                      "overrides": False}, "layout")
-    name = _header(d, path, "layout")
-    if d["output"] not in ("file", "folder"):
-        raise MappingError(path, d.line_of("output"), f"output must be 'file' or 'folder', found {d['output']!r}")
-    fw = d.get("folder_weights") or {}
-    if d["output"] == "folder":
-        _fields(fw, path, {"safetensors": True, "pt": True}, "folder_weights")
-    slots = {}
-    if not isinstance(d["encoders"], dict) or not d["encoders"]:
-        raise MappingError(path, d.line_of("encoders"), "encoders must map at least one slot name to its settings")
-    for sname, s in d["encoders"].items():
-        where = f"encoder {sname}"
-        _fields(s, path, {"prefix": True, "naming": True, "aliases": False, "omit": False, "buffers": False,
-                          "params": False, "config": False, "read_prefixes": False, "ignore": False,
-                          "alternates": False, "drop_last_layers": False, "why": False}, where)
-        alternates = []
-        for a in s.get("alternates") or []:
-            _fields(a, path, {"canonical": True, "key": True, "transform": True}, "alternate")
-            alternates.append(Entry((_str(a["canonical"], path, a.line, "canonical"),),
-                                    _template(_str(a["key"], path, a.line, "key"), path, a.line, "alternate"),
-                                    _transform(a["transform"], path, a.line), a.line))
-        if int(s.get("drop_last_layers", 0)) and not s.get("why"):
-            raise MappingError(path, s.line_of("drop_last_layers"), "drop_last_layers needs a why: say what is lost")
-        aliases = []
-        for a in s.get("aliases") or []:
-            _fields(a, path, {"from": True, "to": True, "repair": False}, "alias")
-            aliases.append(Alias(_str(a["from"], path, a.line, "alias from"), _str(a["to"], path, a.line, "alias to"),
-                                 str(a.get("repair", ""))))
-        params = dict(s.get("params") or {})
-        for k in params:
-            if k not in PARAM_NAMES:
-                raise MappingError(path, s["params"].line_of(k), f"unknown parameter {k!r}", f"known: {', '.join(PARAM_NAMES)}")
-        config = None
-        if s.get("config") is not None:
-            c = s["config"]
-            _fields(c, path, {"file": True, "format": True}, "config")
-            if c["format"] not in CONFIG_FORMATS:
-                raise MappingError(path, c.line, f"unknown config format {c['format']!r}", f"known: {', '.join(CONFIG_FORMATS)}")
-            config = ConfigSpec(c["file"], c["format"])
-        prefix = _str(s["prefix"], path, s.line_of("prefix"), "prefix")
-        if "/" in prefix and d["output"] == "file":
-            raise MappingError(path, s.line_of("prefix"), "a prefix with a folder needs output: folder")
-        read_prefixes = tuple(_str(x, path, s.line_of("read_prefixes"), "read prefix") for x in s.get("read_prefixes") or ())
-        slots[sname] = Slot(sname, prefix, _str(s["naming"], path, s.line_of("naming"), "naming"),
-                            tuple(aliases), frozenset(s.get("omit") or ()), frozenset(s.get("buffers") or ()),
-                            params, config, read_prefixes, tuple(s.get("ignore") or ()), tuple(alternates),
-                            int(s.get("drop_last_layers", 0)), str(s.get("why", "")))
-    detect = d.get("detect") or {}
-    _fields(detect, path, {"priority": False}, "detect")
-    sample = d.get("sample") or {}
-    _fields(sample, path, {"extra": False}, "sample")
-    extra = {k: tuple(v) for k, v in (sample.get("extra") or {}).items()}
-    components = {str(k): tuple(v) for k, v in (d.get("components") or {}).items()}
-    vision = None
-    if d.get("vision") is not None:
-        v = d["vision"]
-        _fields(v, path, {"family": True, "naming": True, "scope": True, "output": True, "weights": False,
-                          "config": False}, "vision")
-        if v["output"] not in ("file", "folder"):
-            raise MappingError(path, v.line_of("output"), "vision output must be 'file' or 'folder'")
-        vcfg = None
-        if v.get("config") is not None:
-            _fields(v["config"], path, {"file": True, "format": True}, "vision config")
-            if v["config"]["format"] not in CONFIG_FORMATS:
-                raise MappingError(path, v["config"].line, f"unknown config format {v['config']['format']!r}",
-                                   f"known: {', '.join(CONFIG_FORMATS)}")
-            vcfg = ConfigSpec(v["config"]["file"], v["config"]["format"])
-        if v["output"] == "folder":
-            _fields(v.get("weights") or {}, path, {"safetensors": True, "pt": True}, "vision weights")
-        vision = VisionSpec(v["family"], v["naming"], tuple(v["scope"]), v["output"], dict(v.get("weights") or {}),
-                            vcfg)
-    return Layout(name, _str(d["family"], path, d.line_of("family"), "family"), d["description"], d["output"],
-                  dict(fw), slots, tuple(d.get("ignore") or ()), int(detect.get("priority", 0)), extra, components,
-                  Path(path), vision, bool(d.get("overrides", False)))
+    lay, d = _parse_file(Layout, path, "layout")
+    if lay.output == "folder":
+        _weights_named(lay.folder_weights, At(path, lay.lines.get("folder_weights", d.line), "folder_weights"))
+    for s in lay.slots.values():
+        if s.drop_last_layers and not s.why:
+            raise MappingError(path, s.lines["drop_last_layers"], "drop_last_layers needs a why: say what is lost")
+        if "/" in s.prefix and lay.output == "file":
+            raise MappingError(path, s.lines["prefix"], "a prefix with a folder needs output: folder")
+        for a in s.alternates:
+            _check_alternate(a, At(path, a.line, f"encoder {s.name} alternate"))
+    v = lay.vision
+    if v is not None and v.output == "folder":
+        _weights_named(v.weights, At(path, v.lines.get("weights", lay.lines["vision"]), "vision weights"))
+    return lay

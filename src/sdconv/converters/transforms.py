@@ -92,8 +92,9 @@ def synthesize(kind: str, shape: Sequence[int]):
     import torch
     if kind == "arange":
         n = shape[-1]
-        return torch.arange(n, dtype=torch.int64).reshape(tuple(shape))
+        return torch.arange(n, dtype=getattr(torch, SYNTHESIZERS[kind])).reshape(tuple(shape))
     raise KeyError(kind)
 
 
-SYNTHESIZERS = {"arange"}
+# name -> the dtype it makes, which is the one a family's buffer must declare
+SYNTHESIZERS = {"arange": "int64"}
