@@ -247,7 +247,7 @@ def test_a_whole_clip_config_format_on_an_encoder_slot_is_refused(tmp_path, fmt)
     instead of crashing the engine when it reads or writes the config."""
     from sdconv.converters.configs import SLOT_FORMATS
 
-    from fixtures import distinct_canonical, write_layout
+    from tests.helpers.fixtures import distinct_canonical, write_layout
     text = FOLDER_LAYOUT.replace("format: hf_clip_text", f"format: {fmt}")
     _, path = _registry_with(tmp_path, "mine", text)
     maps = path.parent

@@ -164,3 +164,12 @@ def test_only_the_command_line_prints():
                 if "click" in names:
                     offenders.append(f"{m}: imports click")
     assert not offenders, offenders
+
+
+def test_the_encoder_params_are_declared_alike():
+    """--param's names and a layout's `params:` rows name the same things."""
+    import dataclasses
+
+    from sdconv.converters.schema import Params
+    from sdconv.options import ENCODER_PARAMS
+    assert tuple(f.name for f in dataclasses.fields(Params)) == ENCODER_PARAMS

@@ -16,7 +16,8 @@ from .converters.dtypes import DTYPE_CHOICES
 from .errors import UsageError
 
 FORMATS = ("safetensors", "pt")                 # output containers (--format)
-PARAM_NAMES = ("heads", "act", "encoder")       # what --param may say
+ENCODER_PARAMS = ("heads", "act")               # what an encoder's weights cannot say
+PARAM_NAMES = (*ENCODER_PARAMS, "encoder")      # what --param may say (encoder: which kind it is)
 AUTO = "auto"                                   # --from auto: detect the layout
 
 

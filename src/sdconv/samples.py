@@ -19,6 +19,7 @@ from .converters.registry import DEFAULT, Registry
 from .converters.stream import TensorStream
 from .converters.writers import format_for
 from .errors import UsageError
+from .options import ENCODER_PARAMS
 
 
 def canonical_sample(family, preset: dict, seed: int = 0) -> dict:
@@ -54,7 +55,7 @@ def write_canonical(canon: dict, output, layout: str, params: dict, fmt: str | N
     tensors.update(extra or {})
     output = Path(output)
     fmt = fmt or ("safetensors" if rl.layout.output == "folder" else format_for(output, None))
-    hp = {k: params[k] for k in ("heads", "act")}
+    hp = {k: params[k] for k in ENCODER_PARAMS}
     written = {c: shapes[c] for op in ops for c in op.canonical}
     meta = {metakeys.FORMAT: metakeys.FORMAT_PT, metakeys.PARAMS: json.dumps(hp, sort_keys=True),
             metakeys.ENCODER: identity, **(metadata or {})}
@@ -79,6 +80,6 @@ def sample(output, *, layout: str = "ldm", preset: str = "tiny", dtype: str = "f
     g = torch.Generator().manual_seed(seed + 1)
     cast = dtypes.torch_dtype(dtypes.BY_CAST[dtype].code)
     extra = {k: (torch.randn(s, generator=g) * 0.02).to(cast) for k, s in rl.layout.sample_extra.items()}
-    tensors = write_canonical(canonical_sample(fam, p, seed), output, layout, {k: p[k] for k in ("heads", "act")},
+    tensors = write_canonical(canonical_sample(fam, p, seed), output, layout, {k: p[k] for k in ENCODER_PARAMS},
                               fmt, dtype, force, extra, {metakeys.SAMPLE: f"{layout}/{preset}/seed {seed}"}, registry)
-    return {"tensors": len(tensors), "preset": preset, "params": {k: p[k] for k in ("heads", "act")}}
+    return {"tensors": len(tensors), "preset": preset, "params": {k: p[k] for k in ENCODER_PARAMS}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..options import ENCODER_PARAMS
+
 
 def describe_plan(plan) -> str:
     """The plan, as --dry-run prints it."""
@@ -20,7 +22,7 @@ def describe_plan(plan) -> str:
                      f"{plan.target.name} {e.slot.name} at {e.slot.prefix or 'top level'}")
         lines.append(f"  architecture: width {a['width']}, layers {a['layers']}, ffn {a['ffn']}, vocab {a['vocab']}, "
                      f"context {a['context']}, projection {a.get('proj') or 'none'}")
-        for k in ("heads", "act"):
+        for k in ENCODER_PARAMS:
             lines.append(f"  {k} = {e.params[k]}  ({e.param_origin[k]})")
         lines.append("  tensors (canonical <- source [transform] -> target):")
         for op in e.ops:

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import InputError, LayoutError
+from ..options import ENCODER_PARAMS
 from . import configs, metakeys
 from .detect import detect, read_layout
 from .folders import open_source
@@ -140,7 +141,7 @@ def _input_params(source: Source, rp: ReadPlan, arch: dict):
             if mine.get("absent_last_blocks"):
                 got["absent_last"] = int(mine["absent_last_blocks"])
         elif metakeys.PARAMS in meta:
-            got = {k: v for k, v in json.loads(meta[metakeys.PARAMS]).items() if k in ("heads", "act")}
+            got = {k: v for k, v in json.loads(meta[metakeys.PARAMS]).items() if k in ENCODER_PARAMS}
             origin = "input metadata"
     except (ValueError, AttributeError, TypeError):
         got = {}
@@ -149,7 +150,7 @@ def _input_params(source: Source, rp: ReadPlan, arch: dict):
     cfg_spec = rp.slot.config
     cfg = source.read_json(rp.folder + cfg_spec.file) if cfg_spec is not None else None
     if cfg is not None:
-        read = configs.READERS[cfg_spec.format](cfg)
+        read = configs.SLOT_FORMATS[cfg_spec.format].read(cfg)
         got.update(read["params"])
         origin = rp.folder + cfg_spec.file
         notes = [f"{rp.folder + cfg_spec.file} says {k} = {v}, the weights say {arch[k]}"

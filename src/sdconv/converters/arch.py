@@ -4,6 +4,7 @@ activation (which the weights cannot say), and which of its last blocks are abse
 from __future__ import annotations
 
 from ..errors import InputError, UsageError
+from ..options import ENCODER_PARAMS
 from .schema import LAYER, Family, Slot
 from .templates import expand, layer_pattern
 
@@ -65,7 +66,7 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
     (heads only at the kind's own width) > the family's."""
     kind = family.kinds.get(identity)
     params, origin = {}, {}
-    for name in ("heads", "act"):
+    for name in ENCODER_PARAMS:
         if name in given:
             params[name], origin[name] = given[name], "--param"
         elif name in from_input:

@@ -112,6 +112,3 @@ SLOT_FORMATS = {"hf_clip_text": SlotFormat(read_hf_clip_text, write_hf_clip_text
 # (arch, params, dtype code, (vision arch, vision params)) -> text.
 CLIP_FORMATS = {"hf_clip": write_hf_clip, "open_clip": write_open_clip}
 
-# lookups by format name, as analyse.py and output.py use them
-READERS = {k: f.read for k, f in SLOT_FORMATS.items()}
-WRITERS = {**{k: f.write for k, f in SLOT_FORMATS.items()}, **CLIP_FORMATS}

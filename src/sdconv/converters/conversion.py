@@ -11,6 +11,7 @@ from .arch import infer_arch
 from .plan import BufferOp, ReadOp, ReadPlan, WriteOp
 from .registry import ResolvedLayout
 from .schema import Slot
+from .transforms import synthesized_code
 from .sources import Source
 
 
@@ -87,7 +88,7 @@ class EncoderPlan:
             n = 1
             for s in b.shape:
                 n *= self.arch[s] if isinstance(s, str) else s
-            total += dtypes.size("I64") * n
+            total += dtypes.size(synthesized_code(b.synthesize)) * n
         return total
 
 

@@ -10,7 +10,7 @@ from ..errors import InputError
 from . import dtypes
 from .plan import BufferOp, ReadPlan, WriteOp
 from .stream import Entry, RowConcat, TensorStream
-from .transforms import TRANSFORMS, synthesize
+from .transforms import TRANSFORMS, synthesize, synthesized_code
 
 
 class SourceReader:
@@ -75,7 +75,7 @@ def stream(reader, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtyp
     entries = [Entry(k, dtypes.cast_code(reader.dtype(op.canonical[0]), dtype), tuple(s))
                for op in ops for k, s in zip(op.keys, op.shapes)]
     for b in buffers:
-        entries.append(Entry(b.key, "I64", tuple(arch[s] if isinstance(s, str) else s for s in b.shape)))
+        entries.append(Entry(b.key, synthesized_code(b.synthesize), tuple(arch[s] if isinstance(s, str) else s for s in b.shape)))
 
     def make():
         cast = dtypes.torch_dtype(dtypes.BY_CAST[dtype].code) if dtype in dtypes.BY_CAST else None

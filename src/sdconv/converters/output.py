@@ -38,7 +38,7 @@ def write_layout(target: ResolvedLayout, fmt: str, tmp: Path, parts: list[SlotOu
         files.append(weights)
         if p.slot.config is not None:
             cfg = sub / p.slot.config.file
-            cfg.write_text(configs.WRITERS[p.slot.config.format](p.arch, p.params, p.tensors.dominant_dtype()))
+            cfg.write_text(configs.SLOT_FORMATS[p.slot.config.format].write(p.arch, p.params, p.tensors.dominant_dtype()))
             files.append(cfg)
     return files
 
@@ -57,6 +57,6 @@ def write_whole_clip(target: ResolvedLayout, vision_target: ResolvedLayout, fmt:
     spec = target.layout.vision.config
     if spec is not None:
         cfg = tmp / spec.file
-        cfg.write_text(configs.WRITERS[spec.format](text.arch, text.params, tensors.dominant_dtype(), vision_config))
+        cfg.write_text(configs.CLIP_FORMATS[spec.format](text.arch, text.params, tensors.dominant_dtype(), vision_config))
         files.append(cfg)
     return files

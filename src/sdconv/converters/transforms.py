@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from . import dtypes
 from .stream import RowConcat
 
 Shape = tuple[int, ...]
@@ -98,3 +99,8 @@ def synthesize(kind: str, shape: Sequence[int]):
 
 # name -> the dtype it makes, which is the one a family's buffer must declare
 SYNTHESIZERS = {"arange": "int64"}
+
+
+def synthesized_code(kind: str) -> str:
+    """The dtype code of a synthesized buffer (what a header states before it is made)."""
+    return dtypes.code_of(SYNTHESIZERS[kind])
