@@ -16,7 +16,7 @@ help:
 	@echo "make demo      - install, make a sample SD1.x checkpoint, convert it to openai and hf"
 	@echo "make test      - install with the test oracles, run the test suite"
 	@echo "make test-fast - the quick tier: the tests marked neither oracle nor fullsize (a few minutes)"
-	@echo "make bench     - full-scale benchmark (~20 min, ~10 GB of disk; BENCH_ARGS=--quick to try it)"
+	@echo "make bench     - full-scale benchmark (~15 min, ~9 GB of temporary disk; BENCH_ARGS=--quick to try it)"
 	@echo "make clean     - remove the venv and demo output"
 
 $(VENV)/.run-installed: pyproject.toml

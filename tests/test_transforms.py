@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdconv.converters.stream import RowConcat
-from sdconv.converters.transforms import SYNTHESIZERS, TRANSFORMS, synthesize
+from sdconv.converters.transforms import SYNTHESIZERS, TRANSFORMS, synthesize, synthesized_code
 
 # small enough (at most 16 values, 0..15) to be exact in float8_e4m3fn and bfloat16 too
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn]
@@ -186,6 +186,6 @@ def test_synthesize_arange():
     assert p.dtype == torch.int64 and tuple(p.shape) == (1, 77)
     assert p.reshape(-1).tolist() == list(range(77))
     assert torch.equal(synthesize("arange", [5]), torch.arange(5))
-    assert SYNTHESIZERS == {"arange"}
+    assert set(SYNTHESIZERS) == {"arange"} and synthesized_code("arange") == "I64"     # what headers state
     with pytest.raises(KeyError):
         synthesize("zeros", (1, 77))

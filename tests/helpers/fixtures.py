@@ -111,14 +111,14 @@ def sparse_safetensors(path, keys: dict, values: dict | None = None):
     dtype)}), the few `values` {key: bytes} written in place, the rest a sparse hole of zeros."""
     import json
     import struct
+    from sdconv.converters.dtypes import size
     header, offset = {}, 0
-    size = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2}
     for k, (shape, dtype) in keys.items():
         n = 1
         for d in shape:
             n *= d
-        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n * size[dtype]]}
-        offset += n * size[dtype]
+        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n * size(dtype)]}
+        offset += n * size(dtype)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
