@@ -14,14 +14,14 @@ from pathlib import Path
 from ..errors import OutputError, UsageError
 from ..options import ConvertOptions
 from . import provenance
-from .analyse import analyse, apply_repairs, read_input
+from .analyse import Found, analyse, apply_repairs, read_input
 from .atomic import AtomicOutput
+from .conversion import EncoderPlan, Plan, Result
 from .execute import SourceReader, stream
 from .grafts import plan_grafts, plan_vision
 from .hashing import LateValue, late_sha256
 from .output import SlotOutput, write_layout, write_whole_clip
 from .plan import plan_write
-from .conversion import EncoderPlan, Plan, Result
 from .registry import DEFAULT, Registry, ResolvedLayout
 from .schema import Slot
 from .writers import format_for
@@ -39,18 +39,7 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
     family = reads[0].layout.family
     if target.family.name != family.name:
         raise UsageError(f"{o.to} holds a {target.family.name} model, the input a {family.name} one")
-    found = analyse(source, reads, given)
-    names = [f.identity for f in found]
-    encoder = o.encoder
-    if encoder is None and len(found) > 1:
-        raise UsageError(f"{source.path} holds {len(found)} encoders: {', '.join(names)}",
-                         f"choose one with --encoder {names[0]}, or --encoder all")
-    if encoder not in (None, "all"):
-        found = [f for f in found if f.identity == encoder]
-        if not found:
-            raise UsageError(f"{source.path} holds no {encoder} encoder; it holds {', '.join(names)}",
-                             f"use --encoder {' or '.join(names)}")
-
+    found = _select(analyse(source, reads, given), o.encoder, source.path)
     apply_repairs(found, o.fix_position_ids, o.strict)
     with_vision, projection = o.with_vision, o.projection
     if with_vision is not None and len(found) != 1:
@@ -78,21 +67,36 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
                                 buffers, layers_out, f.absent_last + f.read.layers - layers_out,
                                 f.notes + slot_notes + wnotes, f.grafts, f.warnings, f.repairs))
 
-    if output is not None:
-        output = Path(output)
-    slots_used = [e.slot.name for e in encs]
-    if len(set(slots_used)) == len(encs):
-        groups = [encs]                       # the target holds them all: one output
-    else:
-        groups = [[e] for e in encs]          # one output per encoder
     plans = []
-    for g in groups:
-        out = output if (output is None or len(groups) == 1) else split_name(output, g[0].identity)
-        f = o.fmt
-        if f is None:
-            f = "safetensors" if target.layout.output == "folder" or out is None else format_for(out, None)
-        plans.append(Plan(source, target, g, f, o.dtype, out, verdicts, vision))
+    for group, out in _outputs(encs, None if output is None else Path(output)):
+        fmt = o.fmt
+        if fmt is None:
+            fmt = "safetensors" if target.layout.output == "folder" or out is None else format_for(out, None)
+        plans.append(Plan(source, target, group, fmt, o.dtype, out, verdicts, vision))
     return plans
+
+
+def _select(found: list[Found], encoder: str | None, path) -> list[Found]:
+    """The encoders --encoder asks for: one by kind, or all; a file with several needs a choice."""
+    names = [f.identity for f in found]
+    if encoder is None and len(found) > 1:
+        raise UsageError(f"{path} holds {len(found)} encoders: {', '.join(names)}",
+                         f"choose one with --encoder {names[0]}, or --encoder all")
+    if encoder in (None, "all"):
+        return found
+    chosen = [f for f in found if f.identity == encoder]
+    if not chosen:
+        raise UsageError(f"{path} holds no {encoder} encoder; it holds {', '.join(names)}",
+                         f"use --encoder {' or '.join(names)}")
+    return chosen
+
+
+def _outputs(encs: list[EncoderPlan], output: Path | None) -> list[tuple[list[EncoderPlan], Path | None]]:
+    """One output holding every encoder if the target has a slot for each, else one output per
+    encoder, named `<stem>.<encoder><suffix>`."""
+    if len({e.slot.name for e in encs}) == len(encs):
+        return [(encs, output)]
+    return [([e], None if output is None else split_name(output, e.identity)) for e in encs]
 
 
 def check_output(plan: Plan, output: Path):
