@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .converters import metakeys
+from .converters.atomic import AtomicOutput, refuse_overlap, refuse_special
 from .converters.engine import convert
 from .converters.folders import FOLDER_WEIGHTS, open_source
 from .converters.registry import DEFAULT, Registry
 from .converters.sources import PICKLE_EXT, SAFETENSORS_EXT
-from .errors import SdconvError, UsageError
+from .errors import OutputError, SdconvError, UsageError
 from .options import ConvertOptions
 
 CHECKPOINT_EXT = SAFETENSORS_EXT + PICKLE_EXT
@@ -139,15 +140,15 @@ def run_batch(inputs: list[Path], out_dir: Path, options: ConvertOptions, *, con
     target = registry.layout(options.to)
     folder_layout = target.layout.output == "folder" or (options.with_vision and target.layout.vision
                                                          and target.layout.vision.output == "folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir, inputs)
     outputs = {inp: output_for(inp, out_dir, folder_layout, options.fmt) for inp in inputs}
     seen: dict[Path, Path] = {}
     for inp, out in outputs.items():
         if out in seen:
             raise UsageError(f"{inp} and {seen[out]} would both write {out}", "convert them into separate folders")
         seen[out] = inp
-        if out.resolve() == inp.resolve():
-            raise UsageError(f"{out} is the input {inp}", "choose another output folder")
+        refuse_overlap(out, inputs)             # one input's output may not be another input
+    out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     stop = False
     for inp in inputs:
@@ -174,3 +175,50 @@ def run_batch(inputs: list[Path], out_dir: Path, options: ConvertOptions, *, con
         if rec.status == "failed" and not continue_on_error:
             stop = True
     return records
+
+
+def check_output_folder(out_dir: Path, inputs: list[Path]):
+    """-o of a batch is a folder (made if missing, its parent must exist), never an input."""
+    refuse_overlap(out_dir, inputs, replaces=False)
+    refuse_special(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is a file; with several inputs, -o names the folder the outputs go to",
+                          "choose a folder (it is made if missing)")
+    if not out_dir.exists() and not out_dir.parent.is_dir():
+        raise OutputError(f"{out_dir.parent}: the output folder's parent does not exist", "create it first")
+
+
+class ReportFile:
+    """The JSON-lines report of a batch (--report): checked before anything is converted (never an
+    input or inside one, never a file that is not an sdconv report unless force), written to a
+    temporary beside it, one line per input as each is done, and put in place when the run ends."""
+
+    def __init__(self, path, inputs: list[Path], force: bool):
+        path = Path(path)
+        if path.exists() and not force and not _is_report(path):
+            raise OutputError(f"{path} exists and is not an sdconv report", "pass --force to replace it, or name "
+                                                                           "another --report file")
+        self._guard = AtomicOutput(path, False, True, protect=inputs)
+        self._file = open(self._guard.__enter__(), "w", encoding="utf-8")
+
+    def write(self, rec: "Record"):
+        self._file.write(rec.json() + "\n")
+        self._file.flush()
+
+    def close(self, failed: BaseException | None = None):
+        """Put the report in place; after a failure (Ctrl-C), remove it and leave nothing."""
+        self._file.close()
+        self._guard.__exit__(type(failed) if failed else None, failed, None)
+
+
+def _is_report(path: Path) -> bool:
+    """An earlier report (or an empty file): each line a JSON record of an input."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 16)
+        if not first.strip():
+            return path.stat().st_size == 0
+        rec = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and {"input", "status"} <= set(rec)

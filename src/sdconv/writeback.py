@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .converters import metakeys
-from .converters.atomic import AtomicOutput
+from .converters.atomic import AtomicOutput, refuse_overlap
 from .converters.conversion import Plan
 from .converters.detect import read_layout
-from .converters.engine import check_output, make_plans
+from .converters.engine import make_plans
 from .converters.execute import SourceReader, stream
 from .converters.folders import open_source
 from .converters.hashing import sha256_of
@@ -25,7 +25,7 @@ from .converters.plan import plan_write
 from .converters.registry import DEFAULT, Registry
 from .converters.stream import Entry, TensorStream
 from .converters.writers import save_tensors
-from .errors import LayoutError, OutputError, UsageError
+from .errors import LayoutError, UsageError
 from .options import ConvertOptions
 
 ARCH_KEYS = ("width", "layers", "ffn", "vocab", "context", "proj")
@@ -59,12 +59,10 @@ def plan_write_back(input, checkpoint, output, options: ConvertOptions | None = 
     if len(plans) != 1:
         raise UsageError(f"{to} cannot hold these encoders together")
     plan = plans[0]
-    check_output(plan, output)
+    refuse_overlap(output, [*plan.inputs(), checkpoint])
     ck = open_source(checkpoint)
     if ck.is_folder:
         raise UsageError(f"--into {checkpoint}: a folder; write-back needs a single-file checkpoint")
-    if output.resolve() == checkpoint.resolve():
-        raise OutputError(f"{output} is the checkpoint", "write the new checkpoint beside it")
     try:
         present = {rp.slot.name: rp for rp in read_layout(ck, plan.target)}
     except LayoutError as e:
@@ -111,6 +109,6 @@ def write_back(input, checkpoint, output, options: ConvertOptions | None = None,
     meta = dict(ck.metadata())            # the checkpoint's own metadata, unchanged
     meta.update({metakeys.INTO: json.dumps({"checkpoint": wb.checkpoint.name, "encoders": wb.records,
                                             "encoder_sha256": sha256_of(wb.plan.source.files())}, sort_keys=True)})
-    with AtomicOutput(wb.output, False, wb.force) as tmp:
+    with AtomicOutput(wb.output, False, wb.force, protect=[*wb.plan.inputs(), wb.checkpoint]) as tmp:
         save_tensors(TensorStream.concat([keep, *wb.streams]), tmp, "safetensors", meta)
     return wb.plan, wb.records

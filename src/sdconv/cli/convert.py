@@ -140,7 +140,7 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
 def _batch(paths, output, options, reg, continue_on_error, report, quiet, dry_run):
     from pathlib import Path
 
-    from ..batch import run_batch
+    from ..batch import ReportFile, run_batch
     if dry_run:
         from ..converters.engine import make_plans
         for p in paths:
@@ -148,12 +148,11 @@ def _batch(paths, output, options, reg, continue_on_error, report, quiet, dry_ru
                 click.echo(render.describe_plan(plan))
         click.echo("dry run: nothing written")
         return
-    out = open(report, "w", encoding="utf-8") if report else None
+    out = ReportFile(report, paths, options.force) if report else None
 
     def show(rec):
         if out:
-            out.write(rec.json() + "\n")
-            out.flush()
+            out.write(rec)
         if not quiet:
             click.echo(render.describe_record(rec))
         for w in rec.warnings:
@@ -161,11 +160,14 @@ def _batch(paths, output, options, reg, continue_on_error, report, quiet, dry_ru
     try:
         records = run_batch(paths, Path(output), options, continue_on_error=continue_on_error, registry=reg,
                             on_record=show)
-    finally:
+        for rec in records[len([r for r in records if r.status != "not run"]):]:
+            show(rec)
+    except BaseException as e:
         if out:
-            out.close()
-    for rec in records[len([r for r in records if r.status != "not run"]):]:
-        show(rec)
+            out.close(failed=e)
+        raise
+    if out:
+        out.close()
     counts = {s: sum(r.status == s for r in records) for s in ("converted", "skipped", "failed", "not run")}
     if not quiet:
         click.echo("summary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "not run"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -22,16 +23,54 @@ def _ordinary_permissions(path: Path):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def refuse_overlap(target: Path, protected, replaces: bool = True) -> None:
+    """Refuse, with or without --force, to write `target` if it is, contains, or lies inside any
+    protected path (the inputs and references of this run), through symlinks and hard links:
+    replacing it would modify or delete an input. `replaces=False`: a folder written into, never
+    replaced (a batch's -o), may contain inputs."""
+    target = Path(target)
+    t = _real(target)
+    for p in protected:
+        p = Path(p)
+        r = _real(p)
+        if t == r or (target.exists() and p.exists() and os.path.samefile(target, p)):
+            raise OutputError(f"{target} is the input" + ("" if target == p else f" {p}"),
+                              "choose another output path; sdconv never writes over its input")
+        if r in t.parents:
+            raise OutputError(f"{target} is inside the input folder {p}", "write the output somewhere else")
+        if replaces and t in r.parents:
+            raise OutputError(f"{target} contains the input {p}; writing it would replace the input",
+                              "write the output somewhere else")
+
+
+def refuse_special(path: Path) -> None:
+    """A device, FIFO or socket is never replaced (nor opened for writing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"{path} is not a regular file or folder (a device, FIFO or socket)",
+                          "sdconv never replaces one; choose another output path")
+
+
 class AtomicOutput:
     """Build an output (file or folder) under a temporary name beside it, then rename it into
     place; on any failure the temporary is removed and an existing output is left untouched.
     `companions`: files that go beside the output (a .pt file's JSON sidecar), built in the same
-    temporary folder (`companion(path)`) and placed by the same rules, right after it."""
+    temporary folder (`companion(path)`) and placed by the same rules, right after it.
+    `protect`: the run's inputs and references, which the output may not be, contain or lie in."""
 
-    def __init__(self, final: Path, folder: bool, force: bool, companions=()):
+    def __init__(self, final: Path, folder: bool, force: bool, companions=(), protect=()):
         self.final, self.folder, self.force = Path(final), folder, force
         self.companions = [Path(c) for c in companions]
         for path in [self.final, *self.companions]:
+            refuse_overlap(path, protect)
+            refuse_special(path)
             if path.exists() and not force:
                 raise OutputError(f"{path} already exists", "pass --force to replace it")
         parent = self.final.parent

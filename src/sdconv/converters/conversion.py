@@ -143,6 +143,14 @@ class Plan:
     def bytes_to_write(self) -> int:
         return sum(e.bytes_to_write(self.dtype) for e in self.encoders)  # (the vision tower not counted)
 
+    def inputs(self) -> list[Path]:
+        """Every path this plan reads: the input, its files, and the references of grafts and of
+        the vision tower (outputs may never be, contain or lie inside one of them)."""
+        sources = [self.source, *(g.source for e in self.encoders for g in e.grafts.values())]
+        if self.vision is not None:
+            sources.append(self.vision.source)
+        return list(dict.fromkeys(Path(p) for s in sources for p in [s.path, *s.files()]))
+
     @property
     def bytes_to_read(self) -> int:
         return sum(e.read.bytes_to_read for e in self.encoders)

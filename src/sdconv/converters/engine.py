@@ -8,7 +8,6 @@ ledger provenance.py's, laying out files output.py's, atomic placement atomic.py
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
@@ -99,18 +98,6 @@ def _outputs(encs: list[EncoderPlan], output: Path | None) -> list[tuple[list[En
     return [([e], None if output is None else split_name(output, e.identity)) for e in encs]
 
 
-def check_output(plan: Plan, output: Path):
-    """Refuse an output that is the input, inside an input folder, or one of its files."""
-    inp = Path(plan.source.path).resolve()
-    out = output.resolve()
-    if out == inp or (output.exists() and os.path.samefile(output, inp)):
-        raise OutputError(f"{output} is the input", "choose another output path; sdconv never writes over its input")
-    if inp.is_dir() and inp in out.parents:
-        raise OutputError(f"{output} is inside the input folder {inp}", "write the output somewhere else")
-    if any(out == f.resolve() for f in plan.source.files()):
-        raise OutputError(f"{output} is one of the input's files", "choose another output path")
-
-
 def target_slot(target: ResolvedLayout, identity: str, kinds) -> tuple[Slot, list[str]]:
     """The slot of `target` an encoder of kind `identity` is written to (and a note when it is
     only a guess); a UsageError when the target has none for it."""
@@ -154,13 +141,11 @@ def convert(input, output, options: ConvertOptions | None = None, *, registry: R
     for p in plans:
         p.options = record
     folder = plans[0].writes_folder
-    for p in plans:
-        check_output(p, p.output)
-    guards = []                         # existing outputs are refused up front, before any work
+    guards = []                         # outputs that may not be written are refused up front
     for p in plans:
         side = provenance.sidecar_path(p)
         beside = [side] if side is not None and not folder else []
-        guards.append(AtomicOutput(p.output, folder, o.force, companions=beside))
+        guards.append(AtomicOutput(p.output, folder, o.force, companions=beside, protect=p.inputs()))
     sha = late_sha256(plans[0].source.files())        # in the background unless cached
     if progress is not None:
         progress.reset(total=sum(p.bytes_to_write for p in plans))

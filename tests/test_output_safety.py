@@ -1,0 +1,165 @@
+"""Outputs never touch inputs (issue 13): whatever sdconv writes or replaces (an output file or
+folder, a sidecar, --report, an --into result, a batch's outputs) is refused, with or without
+--force, when it is, contains or lies inside an input or a reference — through symlinks and
+hard links — and a device or FIFO is never replaced. Each case: exit 6, one line, no
+traceback, the inputs unchanged, nothing left behind."""
+import hashlib
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from sdconv.cli import main
+from tests.helpers.fixtures import distinct_canonical, write_layout, write_multi
+
+
+def _sd1(path):
+    return write_multi(path, "ldm", {"clip_l": distinct_canonical(vocab=1000)})
+
+
+def _hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(folder):
+    return [str(p) for p in folder.rglob("*") if "sdconv-tmp" in p.name]
+
+
+def _run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def _refused(code, text, *needles, exit_code=6):
+    assert code == exit_code, text
+    lines = [ln for ln in text.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("sdconv: error: "), text
+    assert "Traceback" not in text
+    for n in needles:
+        assert n in text, (n, text)
+
+
+@pytest.fixture
+def models(tmp_path):
+    d = tmp_path / "models"
+    d.mkdir()
+    _sd1(d / "sd.safetensors")
+    _sd1(d / "other.safetensors")
+    return d
+
+
+def test_a_folder_output_that_holds_the_input_is_refused_even_with_force(models, tmp_path):
+    """The worst case of the issue: `-o models --to hf --force` used to replace the folder that
+    holds the input, deleting it and its neighbours."""
+    before = _hashes(models)
+    code, text = _run("convert", models / "sd.safetensors", "-o", models, "--to", "hf", "--force")
+    _refused(code, text, "contains the input")
+    assert _hashes(models) == before and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_symlink_to_the_input_is_refused(models, tmp_path, force):
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(models / "sd.safetensors")
+    before = _hashes(models)
+    code, text = _run("convert", models / "sd.safetensors", "-o", link, "--to", "openai", *force)
+    _refused(code, text, "is the input")
+    assert _hashes(models) == before and link.is_symlink() and not _leftovers(tmp_path)
+
+
+def test_a_hard_link_of_the_input_is_refused_with_force(models, tmp_path):
+    twin = tmp_path / "twin.safetensors"
+    os.link(models / "sd.safetensors", twin)
+    before = _hashes(models)
+    code, text = _run("convert", models / "sd.safetensors", "-o", twin, "--to", "openai", "--force")
+    _refused(code, text, "is the input")
+    assert _hashes(models) == before and os.path.samefile(twin, models / "sd.safetensors")
+
+
+def test_an_output_inside_an_input_folder_is_refused(tmp_path):
+    hf = tmp_path / "hf"
+    write_layout(distinct_canonical(vocab=1000), hf, "hf")
+    before = _hashes(hf)
+    code, text = _run("convert", hf, "-o", hf / "sub" / "x.safetensors", "--to", "openai", "--force")
+    assert code == 6 and "inside the input folder" in text, text
+    code, text = _run("convert", hf, "-o", hf / "model.safetensors", "--to", "openai", "--force")
+    _refused(code, text)
+    assert _hashes(hf) == before
+
+
+def test_a_reference_is_protected_like_the_input(models, tmp_path):
+    ref = tmp_path / "ref.safetensors"
+    write_layout(distinct_canonical(vocab=1000), ref, "openai")
+    before = hashlib.sha256(ref.read_bytes()).hexdigest()
+    code, text = _run("convert", models / "sd.safetensors", "-o", ref, "--to", "openai", "--projection", ref,
+                      "--force")
+    _refused(code, text, "is the input")
+    assert hashlib.sha256(ref.read_bytes()).hexdigest() == before
+
+
+def test_the_into_checkpoint_is_protected(models, tmp_path):
+    enc = tmp_path / "enc.safetensors"
+    assert _run("convert", models / "sd.safetensors", "-o", enc, "--to", "openai")[0] == 0
+    twin = tmp_path / "twin.safetensors"
+    os.link(models / "other.safetensors", twin)
+    before = _hashes(models)
+    code, text = _run("convert", enc, "--to", "ldm", "--into", models / "other.safetensors", "-o", twin, "--force")
+    _refused(code, text, "is the input")
+    assert _hashes(models) == before
+
+
+def test_a_fifo_is_never_replaced_or_opened(models, tmp_path):
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    code, text = _run("convert", models / "sd.safetensors", "-o", fifo, "--to", "openai", "--force")
+    _refused(code, text, "FIFO")
+    assert fifo.exists() and not fifo.is_file()
+
+
+def test_a_report_that_names_an_input_or_a_foreign_file_is_refused_before_converting(models, tmp_path):
+    """`--report models/*.safetensors` after shell expansion points --report at a checkpoint:
+    it used to be truncated. It is refused, with or without --force, before anything is
+    converted; a file that is not an sdconv report needs --force."""
+    out = tmp_path / "out"
+    before = _hashes(models)
+    code, text = _run("convert", models / "other.safetensors", models / "sd.safetensors", "-o", str(out) + "/",
+                      "--to", "hf", "--report", models / "sd.safetensors", "--force")
+    _refused(code, text, "is the input")
+    assert _hashes(models) == before and not out.exists()
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\n")
+    code, text = _run("convert", models / "sd.safetensors", models / "other.safetensors", "-o", str(out) + "/",
+                      "--to", "hf", "--report", foreign)
+    _refused(code, text, "not an sdconv report", "--force")
+    assert foreign.read_text() == "my notes\n" and not out.exists()
+    # an earlier report is replaced without --force; the new one is complete
+    report = tmp_path / "r.jsonl"
+    assert _run("convert", models / "sd.safetensors", models / "other.safetensors", "-o", str(out) + "/",
+                "--to", "hf", "--report", report)[0] == 0
+    assert _run("convert", models / "sd.safetensors", models / "other.safetensors", "-o", str(out) + "/",
+                "--to", "hf", "--report", report)[0] == 0
+    assert len(report.read_text().splitlines()) == 2 and not _leftovers(tmp_path)
+
+
+def test_a_batch_output_that_is_a_file_is_one_line(models, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, text = _run("convert", models / "sd.safetensors", models / "other.safetensors", "-o", f, "--to", "hf")
+    _refused(code, text, "is a file")
+    assert f.read_text() == "x"
+
+
+def test_a_batch_output_may_not_be_its_input(tmp_path):
+    """A batch into the inputs' own folder, in the inputs' own format: each output would be its
+    input. Refused before anything converts, with or without --force."""
+    d = tmp_path / "m"
+    d.mkdir()
+    _sd1(d / "a.safetensors")
+    _sd1(d / "b.safetensors")
+    before = _hashes(d)
+    code, text = _run("convert", d / "a.safetensors", d / "b.safetensors", "-o", str(d) + "/", "--to", "ldm",
+                      "--force")
+    _refused(code, text, "is the input")
+    assert _hashes(d) == before and not _leftovers(tmp_path)
