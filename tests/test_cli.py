@@ -449,3 +449,15 @@ def test_in_process_commands_restore_the_collector(sd1, tmp_path):
         assert not gc.isenabled()                       # a caller's choice is kept too
     finally:
         gc.enable()
+
+
+def test_library_warnings_stay_off_the_terminal_unless_debug(sd1, tmp_path):
+    """torch warns "Failed to initialize NumPy" where numpy is missing (as the README installs
+    sdconv): not on the user's terminal; --debug shows it (the control that the warning happens)."""
+    script = ("import sys\nsys.modules['numpy'] = None\nsys.argv = ['sdconv'] + sys.argv[1:]\n"
+              "from sdconv.cli import run\nrun()\n")
+    args = ["convert", str(sd1), "-o", str(tmp_path / "o.safetensors"), "--to", "openai", "-q", "--force"]
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = subprocess.run([sys.executable, "-c", script, "--debug", *args], capture_output=True, text=True)
+    assert r.returncode == 0 and "Failed to initialize NumPy" in r.stderr, r.stderr

@@ -11,6 +11,7 @@ import gc
 import os
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -38,6 +39,12 @@ class _Group(click.Group):
         # for callers that run commands in-process.
         was_enabled = gc.isenabled()
         gc.disable()
+        quiet = warnings.catch_warnings()
+        quiet.__enter__()
+        if not ctx.params.get("debug"):
+            # libraries' own warnings (torch's "Failed to initialize NumPy", deprecations) are
+            # not the user's business; sdconv's warnings are printed lines, not Python warnings
+            warnings.simplefilter("ignore")
         try:
             return super().invoke(ctx)
         except SdconvError as e:
@@ -50,6 +57,7 @@ class _Group(click.Group):
             click.echo("sdconv: interrupted; nothing was written", err=True)
             sys.exit(errors.INTERRUPTED)
         finally:
+            quiet.__exit__(None, None, None)
             if was_enabled:
                 gc.enable()
 
