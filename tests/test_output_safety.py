@@ -163,3 +163,17 @@ def test_a_batch_output_may_not_be_its_input(tmp_path):
                       "--force")
     _refused(code, text, "is the input")
     assert _hashes(d) == before and not _leftovers(tmp_path)
+
+
+def test_a_cast_that_overflows_is_caught_and_names_the_tensor(tmp_path):
+    """--dtype fp16 on a tensor with values beyond 65504 used to write Inf with exit 0: the
+    NaN/Inf check ran before the cast. It runs on what is written."""
+    canon = distinct_canonical(vocab=1000)
+    canon["blk.1.ffn_up.weight"][0, 0] = 1e6
+    src = write_layout(canon, tmp_path / "big.safetensors", "openai")
+    code, text = _run("convert", src, "-o", tmp_path / "o.safetensors", "--to", "hf", "--dtype", "fp16")
+    _refused(code, text, "do not fit in fp16", "mlp.c_fc.weight", exit_code=2)
+    assert not (tmp_path / "o.safetensors").exists() and not _leftovers(tmp_path)
+    # bf16 holds it; and without a cast nothing changes
+    assert _run("convert", src, "-o", tmp_path / "b", "--to", "hf", "--dtype", "bf16")[0] == 0
+    assert _run("convert", src, "-o", tmp_path / "k", "--to", "hf")[0] == 0

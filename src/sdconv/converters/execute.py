@@ -6,7 +6,7 @@ gives, for a canonical name, its dtype code, the canonical tensors its read op m
 it comes from (for error messages)."""
 from __future__ import annotations
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from . import dtypes
 from .plan import BufferOp, ReadPlan, WriteOp
 from .stream import Entry, RowConcat, TensorStream
@@ -87,12 +87,19 @@ def stream(reader, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtyp
             written = TRANSFORMS[op.transform].write([cache.pop(c) for c in op.canonical])
             for key, t in zip(op.keys, written):
                 parts = t.parts if isinstance(t, RowConcat) else [t]
-                # checked as it is made, before its bytes reach the (temporary) output
-                if check_finite and not all(_finite(p) for p in parts):
-                    raise InputError(f"{reader.origin(op.canonical[0])} holds NaN or Inf values (for {key})",
-                                     "the checkpoint is damaged (a failed merge or training run); nothing was written")
+                source = parts
                 if cast is not None and parts[0].is_floating_point():
                     parts = [p.to(cast) for p in parts]
+                # what is written is checked as it is made, after any cast, before its bytes
+                # reach the (temporary) output
+                if check_finite and not all(_finite(p) for p in parts):
+                    if parts is not source and all(_finite(p) for p in source):
+                        peak = max(float(p.abs().max()) for p in source if p.numel())
+                        raise UsageError(f"{reader.origin(op.canonical[0])}: values up to {peak:.4g} do not fit in "
+                                         f"{dtype} (for {key}); the cast would write Inf",
+                                         "keep the dtype (--dtype keep), or use bf16 or fp32")
+                    raise InputError(f"{reader.origin(op.canonical[0])} holds NaN or Inf values (for {key})",
+                                     "the checkpoint is damaged (a failed merge or training run); nothing was written")
                 if progress:
                     progress(sum(p.numel() * p.element_size() for p in parts))
                 parts = [p.contiguous() for p in parts]
