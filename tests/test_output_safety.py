@@ -177,3 +177,58 @@ def test_a_cast_that_overflows_is_caught_and_names_the_tensor(tmp_path):
     # bf16 holds it; and without a cast nothing changes
     assert _run("convert", src, "-o", tmp_path / "b", "--to", "hf", "--dtype", "bf16")[0] == 0
     assert _run("convert", src, "-o", tmp_path / "k", "--to", "hf")[0] == 0
+
+
+def test_a_full_disk_during_torch_save_is_exit_6(tmp_path, monkeypatch):
+    """A .pt output on a full disk: torch's zip writer fails with a RuntimeError; it is exit 6,
+    one line, and nothing is left (a real 64 KiB tmpfs where mounting is allowed)."""
+    import subprocess
+    src = _sd1(tmp_path / "sd.safetensors")
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        import torch
+
+        def full(*a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+        monkeypatch.setattr(torch, "save", full)
+    try:
+        code, text = _run("convert", src, "-o", small / "o.pt", "--to", "openai")
+        _refused(code, text, "writing failed")
+        assert os.listdir(small) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(small)])
+
+
+def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    """SIGKILL mid-conversion cannot clean up; the next run to the same output recognises the
+    dead run's temporary (its owner file names a process that is gone) and removes it, while a
+    live run's temporary is left alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    src = _sd1(tmp_path / "sd.safetensors")
+    out = tmp_path / "o.safetensors"
+    # a run that stops (SIGSTOP-like pause) inside the write, then is killed
+    script = ("import sys, time\nfrom sdconv.converters import writers\nreal = writers.copy_from_input\n"
+              "def slow(f, t):\n    print('writing', flush=True)\n    time.sleep(60)\n    return real(f, t)\n"
+              "writers.copy_from_input = slow\nsys.argv = ['sdconv'] + sys.argv[1:]\n"
+              "from sdconv.cli import run\nrun()\n")
+    p = subprocess.Popen([sys.executable, "-c", script, "convert", str(src), "-o", str(out), "--to", "openai"],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    stale = [q for q in tmp_path.iterdir() if q.name.endswith(".sdconv-tmp")]
+    assert len(stale) == 1
+    # a live run's temporary is not touched by another run to the same output
+    from sdconv.converters.atomic import remove_stale_temporaries
+    assert remove_stale_temporaries(out) == [] and stale[0].exists()
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert stale[0].exists() and not out.exists()           # what SIGKILL leaves
+    code, text = _run("convert", src, "-o", out, "--to", "openai")
+    assert code == 0, text
+    assert not stale[0].exists() and out.is_file() and not _leftovers(tmp_path)

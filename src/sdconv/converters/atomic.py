@@ -47,6 +47,62 @@ def refuse_overlap(target: Path, protected, replaces: bool = True) -> None:
                               "write the output somewhere else")
 
 
+TMP_SUFFIX = ".sdconv-tmp"
+OWNER = "owner"             # in each temporary folder: the pid and boot of the run that made it
+STALE_AFTER = 60            # seconds: a temporary without an owner file older than this is stale
+
+
+def _boot() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return os.uname().nodename
+
+
+def _owner() -> str:
+    return f"{os.getpid()} {_boot()}"
+
+
+def _alive(owner: str) -> bool:
+    try:
+        pid, boot = owner.split()
+        pid = int(pid)
+    except ValueError:
+        return False
+    if boot != _boot():
+        return False            # made before a reboot (a power loss)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path, keep: Path | None = None) -> list[Path]:
+    """Remove what a killed run (SIGKILL, power loss) left while writing `final`: temporary
+    folders beside it whose owning process is gone. A live run's temporary is left alone."""
+    import re
+    import time
+    pattern = re.compile(re.escape(f".{final.name}.") + r"[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+    removed = []
+    try:
+        candidates = [p for p in final.parent.iterdir() if pattern.fullmatch(p.name) and p != keep]
+    except OSError:
+        return removed
+    for p in candidates:
+        try:
+            owner = (p / OWNER).read_text() if (p / OWNER).is_file() else None
+            stale = (not _alive(owner)) if owner is not None else time.time() - p.lstat().st_mtime > STALE_AFTER
+        except OSError:
+            continue
+        if stale and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def refuse_special(path: Path) -> None:
     """A device, FIFO or socket is never replaced (nor opened for writing)."""
     try:
@@ -81,11 +137,13 @@ class AtomicOutput:
 
     def __enter__(self) -> Path:
         try:
-            d = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".sdconv-tmp", dir=self.final.parent)
+            d = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=TMP_SUFFIX, dir=self.final.parent)
+            (Path(d) / OWNER).write_text(_owner())
         except OSError as e:
             raise OutputError(f"{self.final.parent}: cannot write there ({e.strerror or e})",
                               "choose a writable output folder")
         self._tmpdir = Path(d)
+        remove_stale_temporaries(self.final, keep=self._tmpdir)
         self.tmp = self._tmpdir / "out" if self.folder else self._tmpdir / self.final.name
         if self.folder:
             self.tmp.mkdir()
@@ -105,8 +163,15 @@ class AtomicOutput:
                     tmp = self.companion(c)
                     if tmp.exists():
                         self._place(tmp, c)
+        except OSError as e:        # placing failed: said like a failed write
+            exc = e
         finally:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+        if isinstance(exc, OSError):
+            # disk full, folder gone or made read-only, torch.save's failed write: one line, exit 6,
+            # and the temporary is gone
+            raise OutputError(f"{self.final}: writing failed ({exc.strerror or exc})",
+                              "check the free space and permissions of the output folder") from exc
         return False
 
     def _place(self, tmp: Path, final: Path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import OutputError, UsageError
+from ..errors import UsageError
 from ..options import ConvertOptions
 from . import provenance
 from .analyse import Found, analyse, apply_repairs, read_input
@@ -151,11 +151,7 @@ def convert(input, output, options: ConvertOptions | None = None, *, registry: R
         progress.reset(total=sum(p.bytes_to_write for p in plans))
     files = []
     for p, guard in zip(plans, guards):
-        try:
-            files += _write_plan(p, guard, sha, progress)
-        except OSError as e:       # disk full, folder gone or read-only: the temporary is removed
-            raise OutputError(f"{p.output}: writing failed ({e.strerror or e})",
-                              "check the free space and permissions of the output folder")
+        files += _write_plan(p, guard, sha, progress)     # a failed write is an OutputError (atomic.py)
     return Result(plans, [p.output for p in plans], files, sha.result() if isinstance(sha, LateValue) else sha)
 
 

@@ -108,4 +108,8 @@ def save_tensors(tensors, path: Path, fmt: str, metadata: dict | None = None):
         write_safetensors(tensors, path, metadata)
     else:
         d = tensors.to_dict() if isinstance(tensors, TensorStream) else tensors
-        torch.save({k: v.contiguous() for k, v in d.items()}, str(path))
+        try:
+            torch.save({k: v.contiguous() for k, v in d.items()}, str(path))
+        except RuntimeError as e:   # torch's zip writer reports a failed write (a full disk) this way
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise OSError(errno.EIO, f"torch.save: {first}") from e     # the caller names the output
