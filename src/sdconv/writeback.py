@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .converters import metakeys
+from .converters import leases, metakeys
 from .converters.atomic import AtomicOutput, refuse_overlap
 from .converters.conversion import Plan
 from .converters.detect import read_layout
@@ -20,6 +20,7 @@ from .converters.engine import make_plans
 from .converters.execute import SourceReader, stream
 from .converters.folders import open_source
 from .converters.hashing import sha256_of
+from .converters.leases import Snapshot
 from .converters.arch import infer_arch
 from .converters.plan import plan_write
 from .converters.registry import DEFAULT, Registry
@@ -102,7 +103,14 @@ def write_back(input, checkpoint, output, options: ConvertOptions | None = None,
     """Write the encoder(s) of `input` into a copy of the full checkpoint `checkpoint` (layout
     `options.to`: ldm, sgm or sd3), as the new .safetensors checkpoint `output`. Returns (the Plan,
     {slot: what was replaced})."""
-    wb = plan_write_back(input, checkpoint, output, options, registry=registry, **fields)
+    try:
+        return _write_back(plan_write_back(input, checkpoint, output, options, registry=registry, **fields))
+    finally:
+        leases.release_all()
+
+
+def _write_back(wb: WriteBack):
+    unchanged = Snapshot([*wb.plan.inputs(), wb.checkpoint])
     ck, kept = wb.source, wb.kept
     keep = TensorStream([Entry(k, ck.info(k).dtype, ck.info(k).shape) for k in kept],
                         lambda: ((k, ck.load(k)) for k in kept))
@@ -111,4 +119,5 @@ def write_back(input, checkpoint, output, options: ConvertOptions | None = None,
                                             "encoder_sha256": sha256_of(wb.plan.source.files())}, sort_keys=True)})
     with AtomicOutput(wb.output, False, wb.force, protect=[*wb.plan.inputs(), wb.checkpoint]) as tmp:
         save_tensors(TensorStream.concat([keep, *wb.streams]), tmp, "safetensors", meta)
+        unchanged.check()
     return wb.plan, wb.records

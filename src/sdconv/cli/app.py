@@ -16,6 +16,7 @@ import warnings
 import click
 
 from .. import errors
+from ..converters import leases
 from ..errors import SdconvError
 from ..version import __version__
 
@@ -57,6 +58,7 @@ class _Group(click.Group):
             click.echo("sdconv: interrupted; nothing was written", err=True)
             sys.exit(errors.INTERRUPTED)
         finally:
+            leases.release_all()
             quiet.__exit__(None, None, None)
             if was_enabled:
                 gc.enable()

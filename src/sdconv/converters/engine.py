@@ -12,13 +12,14 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..options import ConvertOptions
-from . import provenance
+from . import leases, provenance
 from .analyse import Found, analyse, apply_repairs, read_input
 from .atomic import AtomicOutput
 from .conversion import EncoderPlan, Plan, Result
 from .execute import SourceReader, stream
 from .grafts import plan_grafts, plan_vision
 from .hashing import LateValue, late_sha256
+from .leases import Snapshot
 from .output import SlotOutput, write_layout, write_whole_clip
 from .plan import plan_write
 from .registry import DEFAULT, Registry, ResolvedLayout
@@ -137,7 +138,15 @@ def convert(input, output, options: ConvertOptions | None = None, *, registry: R
     `record`: options to store in the outputs (batch runs skip outputs made with the same)."""
     o = ConvertOptions.of(options, fields)
     output = Path(output)
+    try:
+        return _convert(input, output, o, registry, progress, record)
+    finally:
+        leases.release_all()
+
+
+def _convert(input, output: Path, o: ConvertOptions, registry: Registry, progress, record) -> Result:
     plans = make_plans(input, o, output=output, registry=registry)
+    unchanged = Snapshot(p for plan in plans for p in plan.inputs())
     for p in plans:
         p.options = record
     folder = plans[0].writes_folder
@@ -151,11 +160,11 @@ def convert(input, output, options: ConvertOptions | None = None, *, registry: R
         progress.reset(total=sum(p.bytes_to_write for p in plans))
     files = []
     for p, guard in zip(plans, guards):
-        files += _write_plan(p, guard, sha, progress)     # a failed write is an OutputError (atomic.py)
+        files += _write_plan(p, guard, sha, progress, unchanged)     # a failed write is an OutputError (atomic.py)
     return Result(plans, [p.output for p in plans], files, sha.result() if isinstance(sha, LateValue) else sha)
 
 
-def _write_plan(p: Plan, guard: AtomicOutput, sha, progress) -> list[Path]:
+def _write_plan(p: Plan, guard: AtomicOutput, sha, progress, unchanged: Snapshot) -> list[Path]:
     """Make one output: stream its tensors into the temporary, then rename it into place."""
     folder = p.writes_folder
     side = provenance.sidecar_path(p)
@@ -180,5 +189,6 @@ def _write_plan(p: Plan, guard: AtomicOutput, sha, progress) -> list[Path]:
             at = tmp / side.name if folder else guard.companion(side)
             at.write_text(provenance.sidecar_text(meta))
             written.append(at)
+        unchanged.check()           # an input changed meanwhile: the temporary is removed, exit 3
     return [p.output / f.relative_to(tmp) if folder else (side if side is not None and f.name == side.name else p.output)
             for f in written]

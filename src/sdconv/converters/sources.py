@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from . import dtypes
+from . import dtypes, leases
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -94,6 +94,7 @@ class Source:
     def __del__(self):
         # a map stays valid while tensors use it; the descriptor is not needed for that
         if self._fd is not None:
+            leases.release(self._fd)
             os.close(self._fd)
 
 
@@ -191,6 +192,7 @@ class SafetensorsSource(Source):
         if self._map is None:
             import torch
             self._map = mmap.mmap(self._descriptor(), 0, access=mmap.ACCESS_READ)
+            leases.hold(self._fd, self.path)        # a truncation now stops sdconv, not SIGBUS
             self._view = memoryview(self._map)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
