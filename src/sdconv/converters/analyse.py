@@ -16,7 +16,7 @@ from .arch import absent_last_blocks, identify, infer_arch, resolve_params
 from .plan import ReadPlan
 from .registry import DEFAULT, Registry
 from .sources import Source
-from .synthetic import position_ids_health
+from .synthetic import UNINITIALISED, position_ids_health, scalar_placeholder, suspects
 
 
 @dataclass
@@ -67,10 +67,44 @@ def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
         pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
         absent, depth = absent_last_blocks(family, ident, arch, rp.slot, int(from_input.get("absent_last", 0)))
         f = Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth)
+        _drop_placeholder_scalars(source, f)
         _check_dtypes(source, f)
         f.health = _buffer_health(source, f)
         found.append(f)
     return found
+
+
+def _drop_placeholder_scalars(source: Source, f: Found):
+    """A scalar the family knows a trained value of (logit_scale) that is not a number at all —
+    kohya's int64 1, NaN, Inf — is a placeholder: named (a warning, in the ledger too), not
+    written; the rest of the encoder converts. (A finite value far from the trained one is said
+    by the synthetic-weight checks, and written.)"""
+    for spec in f.read.layout.family.tensors:
+        if spec.optional and spec.shape == () and spec.sample is not None and spec.name in f.read.shapes:
+            why = scalar_placeholder(source, f.read, spec.name, spec.sample)
+            if why is not None:
+                key = f.read.op_for(spec.name).keys[0]
+                f.read.drop(spec.name, source)
+                f.warnings.append(f"{key} {why}: a placeholder, not written")
+
+
+def carried_placeholders(source: Source, f: Found, allow_synthetic: bool) -> list[str]:
+    """What looks fabricated in the encoder (a graft replaces what it takes). A matrix of
+    uninitialised memory is not written (unless allow_synthetic): it was never a weight. The
+    rest (an identity or all-ones projection, a copied block) is written as it is; each is said,
+    on the terminal and in the ledger. Returns what is carried into the output."""
+    carried = []
+    for part, text in suspects(source, f.read):
+        if part in f.grafts or (part in f.read.dtypes and part not in f.read.shapes):
+            continue                # taken from a reference, or not written at all
+        if UNINITIALISED in text and part in f.read.shapes and not allow_synthetic:
+            f.read.drop(part, source)
+            f.arch = infer_arch(f.read.layout.family, f.read.shapes, f.read.layers)
+            f.warnings.append(f"{text}; not written (--allow-synthetic writes it)")
+            continue
+        carried.append(f"{text}; written as it is")
+    f.warnings += carried
+    return carried
 
 
 def _check_dtypes(source: Source, f: Found):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..options import ConvertOptions
 from . import leases, provenance
-from .analyse import Found, analyse, apply_repairs, read_input
+from .analyse import Found, analyse, apply_repairs, carried_placeholders, read_input
 from .atomic import AtomicOutput
 from .conversion import EncoderPlan, Plan, Result
 from .execute import SourceReader, stream
@@ -48,6 +48,13 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
         projection = with_vision           # the text projection comes from the same CLIP
     if projection is not None:
         plan_grafts(found, projection, o.replace_projection, o.allow_synthetic, registry)
+    for f in found:
+        carried = carried_placeholders(source, f, o.allow_synthetic)
+        if carried and projection is not None and not o.allow_synthetic:
+            raise InputError(f"{source.path}: {carried[0]}", "an output meant for scoring (--projection, "
+                             "--with-vision) refuses placeholders; pass --allow-synthetic to write it anyway")
+        if o.strict and f.warnings:
+            raise InputError(f"--strict: {f.warnings[0]}", "fix the input, or run without --strict")
     vision = None
     if with_vision is not None:
         vision = plan_vision(with_vision, target, found[0], o.force_activation, registry)

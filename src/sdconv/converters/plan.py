@@ -49,6 +49,15 @@ class ReadPlan:
     def op_for(self, canonical: str) -> ReadOp:
         return self._by_canonical[canonical]
 
+    def drop(self, canonical: str, source):
+        """Leave a canonical tensor (and the others its read op makes) unread and unwritten."""
+        op = self.op_for(canonical)
+        self.ops.remove(op)
+        for c in op.canonical:
+            self.shapes.pop(c, None)
+            self.dtypes.pop(c, None)
+        return self.index(source)
+
     def index(self, source):
         self._by_canonical = {c: op for op in self.ops for c in op.canonical}
         self._bytes = sum(source.info(k).nbytes for op in self.ops for k in op.keys)

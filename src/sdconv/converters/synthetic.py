@@ -51,6 +51,8 @@ def matrix_look(raw: bytes, shape: tuple, dtype: str) -> str:
         return "all_ones"
     if raw == zero * n:
         return "zeros"
+    if _uninitialised(raw, dtype):
+        return "uninitialised"
     if len(shape) == 2 and shape[0] == shape[1]:
         rows, cols = shape
         ident = bytearray(zero * n)
@@ -59,6 +61,39 @@ def matrix_look(raw: bytes, shape: tuple, dtype: str) -> str:
         if raw == bytes(ident):
             return "identity"
     return "trained"
+
+
+def _uninitialised(raw: bytes, dtype: str) -> bool:
+    """Memory that was never written (torch.empty; ComfyUI's CLIPSave of a CLIP-L that had no
+    projection): bit patterns of every magnitude at once — NaN/Inf, huge values, denormals —
+    where a trained matrix holds values of one scale (|x| well under 10, no NaN, no denormals
+    but for a few)."""
+    if dtype == "BF16" or _struct(dtype) is None or not dtypes.is_float(dtype):
+        return False
+    vals = decode(raw, dtype)
+    if not vals:
+        return False
+    tiny = 1e-30 if dtype in ("F32", "F64") else 1e-7
+    odd = sum(1 for v in vals if v != v or abs(v) > 1e3 or (v != 0 and abs(v) < tiny))
+    return odd > max(2, len(vals) // 1000)
+
+
+def scalar_placeholder(source, rp: ReadPlan, canonical: str, trained: float) -> str | None:
+    """Why a scalar such as logit_scale is a placeholder rather than a value (None: it is a
+    number): not a float (kohya saves an int64 1), or not finite."""
+    op = _op_with(rp, canonical)
+    if op is None:
+        return None
+    info = source.info(op.keys[0])
+    try:
+        value = decode(source.raw(op.keys[0]), info.dtype)[0]
+    except (ValueError, IndexError, struct.error):
+        return f"holds {info.dtype} values sdconv cannot read as a number"
+    if not dtypes.is_float(info.dtype):
+        return f"holds the {info.dtype} value {value}, not a float"
+    if value != value or value in (float("inf"), float("-inf")):
+        return f"is {value}, not a number a trained CLIP holds (about {trained})"
+    return None
 
 
 def position_ids_health(raw: bytes, dtype: str, context: int) -> dict:
@@ -121,20 +156,32 @@ def duplicate_blocks(source, rp: ReadPlan) -> list[int]:
     return dups
 
 
-def findings(source, rp: ReadPlan, deep: bool = False) -> list[str]:
-    """What looks fabricated in this encoder, each in a sentence naming the tensor."""
+PLACEHOLDER_LOOKS = ("identity", "all_ones", "zeros", "uninitialised")
+UNINITIALISED = "uninitialised memory"
+
+
+def suspects(source, rp: ReadPlan) -> list[tuple[str, str]]:
+    """(canonical name or block, sentence) for each part of this encoder that looks fabricated."""
     out = []
     proj = projection_look(source, rp)
-    if proj is not None and proj[1] in ("identity", "all_ones", "zeros"):
-        out.append(f"{proj[0]} is {proj[1].replace('_', ' ')}: a placeholder, not a trained projection")
+    if proj is not None and proj[1] in PLACEHOLDER_LOOKS:
+        what = UNINITIALISED if proj[1] == "uninitialised" else proj[1].replace("_", " ")
+        out.append(("text_proj.weight", f"{proj[0]} is {what}: a placeholder, not a trained projection"))
     fam = rp.layout.family
     spec = fam.spec("logit_scale")
     value = scalar(source, rp, "logit_scale")
     if value is not None and spec is not None and spec.sample is not None and abs(value - spec.sample) > 0.05:
-        out.append(f"logit_scale is {value:.4f}, far from a trained CLIP's {spec.sample} (ln 100); "
-                   f"2.6593 = ln(1/0.07) is CLIP's untrained initial value")
+        out.append(("logit_scale", f"logit_scale is {value:.4f}, far from a trained CLIP's {spec.sample} (ln 100); "
+                                   f"2.6593 = ln(1/0.07) is CLIP's untrained initial value"))
     for i in duplicate_blocks(source, rp):
-        out.append(f"block {i} repeats block {i - 1} (its norms and biases are byte-identical): padding?")
+        out.append((f"block {i}", f"block {i} repeats block {i - 1} (its norms and biases are byte-identical): "
+                                  f"padding?"))
+    return out
+
+
+def findings(source, rp: ReadPlan, deep: bool = False) -> list[str]:
+    """What looks fabricated in this encoder, each in a sentence naming the tensor."""
+    out = [text for _, text in suspects(source, rp)]
     if deep:
         import torch
         for op in rp.ops:
