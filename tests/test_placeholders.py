@@ -107,3 +107,23 @@ def test_carried_placeholders_are_said_and_scoring_outputs_refuse_them(tmp_path)
     code, text = _run("convert", src, "-o", tmp_path / "s.safetensors", "--to", "openai", "--projection", ref,
                       "--replace-projection", "--allow-synthetic")
     assert code == 0, text
+
+
+def test_position_ids_that_are_nan_inf_or_unsigned_are_one_line(tmp_path):
+    """NaN, Inf or U32 position_ids used to end in a traceback: they are classified like any
+    other (corrupt: refused without --fix-position-ids; repaired with it)."""
+    base = write_layout(distinct_canonical(vocab=1000), tmp_path / "b.safetensors", "ldm",
+                        params={"heads": 2, "act": "quick_gelu", "encoder": "clip_l"})
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    cases = {"nan": torch.full((1, 77), float("nan")), "inf": torch.full((1, 77), float("inf")),
+             "u32": torch.arange(77, dtype=torch.int64).to(torch.uint32)[None]}
+    for name, pid in cases.items():
+        sd = read_all(base)
+        sd[key] = pid
+        src = tmp_path / f"{name}.safetensors"
+        write_safetensors(sd, src, {"format": "pt"})
+        code, text = _run("inspect", src)
+        assert code == 0 and "Traceback" not in text, (name, text)
+        code, text = _run("convert", src, "-o", tmp_path / f"{name}-o.safetensors", "--to", "openai",
+                          "--fix-position-ids")
+        assert code == 0 and "Traceback" not in text, (name, text)

@@ -105,6 +105,9 @@ def position_ids_health(raw: bytes, dtype: str, context: int) -> dict:
     if dtype.startswith(("I", "U")):
         bad = [i for i, v in enumerate(vals) if i >= context or v != i]
         return {"status": "exact" if vals == want else "corrupt", "dtype": dtype, "bad_indices": bad}
+    if any(v != v or v in (float("inf"), float("-inf")) for v in vals):      # NaN or Inf: no position at all
+        return {"status": "corrupt", "dtype": dtype,
+                "bad_indices": [i for i, v in enumerate(vals) if not (v == v and abs(v) != float("inf"))]}
     rounded = [round(v) for v in vals]
     if rounded == want:   # a float buffer is already off the rails: merges drift it further
         return {"status": "drifted", "dtype": dtype, "bad_indices": [i for i, v in enumerate(vals) if int(v) != i]}
