@@ -119,3 +119,16 @@ def test_into_with_several_inputs_is_refused(tmp_path):
                                   str(tmp_path / "out") + "/"])
     assert r.exit_code == 2 and "one checkpoint" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_unsigned_tensors_of_the_checkpoint_are_copied_as_they_are(tmp_path):
+    """A U16 tensor in the checkpoint used to end in a traceback (no torch dtype for it)."""
+    ck = _ckpt(tmp_path)
+    sd = read_all(ck)
+    sd["model.diffusion_model.u16"] = torch.arange(10, dtype=torch.int64).to(torch.uint16)
+    write_safetensors(sd, tmp_path / "u16.safetensors", {"format": "pt"})
+    enc = tmp_path / "enc.safetensors"
+    convert(tmp_path / "u16.safetensors", enc, to="openai")
+    write_back(enc, tmp_path / "u16.safetensors", tmp_path / "new.safetensors", to="ldm")
+    a, b = _hashes(tmp_path / "u16.safetensors"), _hashes(tmp_path / "new.safetensors")
+    assert a["model.diffusion_model.u16"] == b["model.diffusion_model.u16"]
