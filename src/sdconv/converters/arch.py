@@ -83,15 +83,22 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
             origin[name] = f"width {arch['width']} / head width {family.head_width}"
         else:
             params[name], origin[name] = family.act_default, f"{family.name} default"
+
+    def refuse(name: str, message: str, hint: str):
+        # a value from the input's own files is the input's fault (3); one given or chosen, usage (2)
+        if input_origin and origin.get(name) == input_origin and name not in given:
+            raise InputError(f"{input_origin}: {message}", hint)
+        raise UsageError(message, hint)
     if params["act"] not in family.act_choices:
-        raise UsageError(f"unknown activation {params['act']!r}", f"choose one of {', '.join(family.act_choices)}")
+        refuse("act", f"unknown activation {params['act']!r}",
+               f"choose one of {', '.join(family.act_choices)} (--param act=NAME)")
     try:
         params["heads"] = int(params["heads"])
     except (TypeError, ValueError):
-        raise UsageError(f"heads must be a whole number, found {params['heads']!r}")
+        refuse("heads", f"heads must be a whole number, found {params['heads']!r}", "pass --param heads=N")
     if params["heads"] <= 0 or arch["width"] % params["heads"]:
-        raise UsageError(f"heads = {params['heads']} does not divide width {arch['width']}",
-                         "pass a --param heads=N that divides the width")
+        refuse("heads", f"heads = {params['heads']} does not divide width {arch['width']}",
+               "pass a --param heads=N that divides the width")
     return params, origin
 
 
