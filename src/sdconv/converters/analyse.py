@@ -16,6 +16,8 @@ from .registry import DEFAULT, Registry
 from .sources import Source
 from .synthetic import position_ids_health
 
+OWN_METADATA = "input metadata"     # the origin of what sdconv's own metadata in the input says
+
 
 @dataclass
 class Found:
@@ -62,7 +64,14 @@ def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
         arch = infer_arch(family, rp.shapes, rp.layers, f"{source.path} ({rp.layout.name} {rp.slot.name}): ")
         from_input, origin, cfg_notes, own_warnings = _input_params(source, rp, arch)
         ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
-        pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
+        where = f"{source.path}/" if source.is_folder else f"{source.path}: "
+        try:
+            pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident, where)
+        except InputError as e:
+            if origin != OWN_METADATA:      # the input's config: its error; sdconv's old record: ignored
+                raise
+            own_warnings.append(f"{e.message}; its sdconv metadata ignored (sdconv's own record, not needed)")
+            pr, po = resolve_params(family, rp.slot, arch, given, {}, "", ident, where)
         absent, depth = absent_last_blocks(family, ident, arch, rp.slot, from_input.get("absent_last", 0))
         f = Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth, warnings=own_warnings)
         _check_dtypes(source, f)
@@ -170,8 +179,8 @@ def own_params(meta: dict, slot: str, where: str, acts) -> tuple[dict, str]:
             absent = mine.get("absent_last_blocks")
             if absent is not None and absent.whole(0, untrusted.MAX_LAYERS):
                 got["absent_last"] = absent.raw
-            return got, "input metadata"
+            return got, OWN_METADATA
     if metakeys.PARAMS in meta:
         return params(untrusted.parse_json(meta[metakeys.PARAMS], f"{where} metadata {metakeys.PARAMS}")), \
-            "input metadata"
+            OWN_METADATA
     return {}, ""

@@ -61,9 +61,10 @@ def identify(family: Family, slot: Slot, arch: dict, given: dict, from_input: di
 
 
 def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_input: dict, input_origin: str,
-                   identity: str):
+                   identity: str, where: str = ""):
     """heads and act: --param > the input's own config > the layout's default > the kind's
-    (heads only at the kind's own width) > the family's."""
+    (heads only at the kind's own width) > the family's. A value that cannot serve is a usage
+    error (2), or an input error (3) when it comes from the input (`where` names it)."""
     kind = family.kinds.get(identity)
     params, origin = {}, {}
     for name in ENCODER_PARAMS:
@@ -87,7 +88,7 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
     def refuse(name: str, message: str, hint: str):
         # a value from the input's own files is the input's fault (3); one given or chosen, usage (2)
         if input_origin and origin.get(name) == input_origin and name not in given:
-            raise InputError(f"{input_origin}: {message}", hint)
+            raise InputError(f"{where}{input_origin}: {message}", hint)
         raise UsageError(message, hint)
     if params["act"] not in family.act_choices:
         refuse("act", f"unknown activation {params['act']!r}",
