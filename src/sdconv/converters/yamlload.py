@@ -38,7 +38,7 @@ class LineList(list):
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"}
 
 
-def _build(node, path):
+def _build(node, path, loader):
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
         raise MappingError(path, node.start_mark.line + 1, f"unsupported YAML tag {node.tag!r}",
                            "mapping files hold plain mappings, lists, strings and numbers")
@@ -48,27 +48,25 @@ def _build(node, path):
         for knode, vnode in node.value:
             if knode.tag == "tag:yaml.org,2002:merge":
                 raise MappingError(path, knode.start_mark.line + 1, "YAML merge keys (<<) are not allowed")
-            key = _build(knode, path)
+            key = _build(knode, path, loader)
             if not isinstance(key, (str, int)):
                 raise MappingError(path, knode.start_mark.line + 1, f"mapping keys must be strings, found {key!r}")
             if key in out:
                 raise MappingError(path, knode.start_mark.line + 1,
                                    f"duplicate key {key!r} (first at line {out.key_lines[key]})")
-            out[key] = _build(vnode, path)
+            out[key] = _build(vnode, path, loader)
             out.key_lines[key] = knode.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        out = LineList(_build(v, path) for v in node.value)
+        out = LineList(_build(v, path, loader) for v in node.value)
         out.line = node.start_mark.line + 1
         return out
-    # scalars: let the safe constructor resolve ints, floats, bools, null, strings
-    loader = _Base("")
+    # scalars: let the safe constructor resolve ints, floats, bools, null, strings (one loader
+    # serves the whole file: making one per scalar would cost more than the file)
     try:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as e:
         raise MappingError(path, node.start_mark.line + 1, f"unsupported YAML value: {getattr(e, 'problem', e)}")
-    finally:
-        loader.dispose()
 
 
 def _children(node):
@@ -131,7 +129,10 @@ def load_yaml(path) -> LineDict:
     if node is None or not isinstance(node, yaml.MappingNode):
         raise MappingError(path, 1, "a mapping file must be a YAML mapping (key: value lines)")
     _check_expansion(node, path)
+    loader = _Base("")
     try:
-        return _build(node, path)
+        return _build(node, path, loader)
     except RecursionError:
         raise MappingError(path, 0, "invalid YAML: nested too deeply")
+    finally:
+        loader.dispose()
