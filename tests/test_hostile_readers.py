@@ -398,3 +398,22 @@ def test_yaml_with_anchors_and_aliases_is_bounded(tmp_path_factory, program):
     except MappingError:
         pass
     assert time.monotonic() - start < 2, text
+
+
+def test_sharded_folders_still_convert(tmp_path, base):
+    """The limits keep what is real: a sharded folder, and one laid out as the Hugging Face cache
+    does (index and shards symlinks into a blobs folder beside the snapshot)."""
+    d, out = _setup(tmp_path, base)
+    plain = _sharded(d, {})
+    snap = d / "hub" / "snapshots" / "rev"
+    blobs = d / "hub" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in plain.iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", f.name))
+    for i, src in enumerate((plain, snap)):
+        code, stdout, stderr, _ = _sdconv(["convert", src, "-o", out / f"o{i}.safetensors", "--to", "openai"],
+                                          tmp_path, tmp_path / "cache")
+        assert code == 0 and not stderr.strip(), stderr
+    assert read_all(out / "o0.safetensors").keys() == read_all(out / "o1.safetensors").keys()
