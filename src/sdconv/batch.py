@@ -14,13 +14,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .converters import metakeys
+from .converters import metakeys, untrusted
 from .converters.atomic import AtomicOutput, refuse_overlap, refuse_special
 from .converters.engine import convert
 from .converters.folders import FOLDER_WEIGHTS, open_source
 from .converters.registry import DEFAULT, Registry
 from .converters.sources import PICKLE_EXT, SAFETENSORS_EXT
-from .errors import OutputError, SdconvError, UsageError
+from .errors import MalformedInputError, OutputError, SdconvError, UsageError
 from .options import ConvertOptions
 
 CHECKPOINT_EXT = SAFETENSORS_EXT + PICKLE_EXT
@@ -65,21 +65,19 @@ def output_for(inp: Path, out_dir: Path, folder_layout: bool, fmt: str | None) -
 
 
 def _made_by_sdconv_with(out: Path, options: dict) -> bool | None:
-    """True: sdconv made it with these options; False: with others; None: not sdconv's."""
-    meta = None
+    """True: sdconv made it with these options; False: with others; None: not sdconv's (or its
+    record cannot be read: then nothing proves it is sdconv's, and it is not replaced unasked)."""
     for side in (out.with_name(out.name + metakeys.SIDECAR_SUFFIX), out / metakeys.SIDECAR_IN_FOLDER):
-        if side.is_file():
+        if side.exists():
             try:
-                options_said = json.loads(side.read_text()).get(metakeys.sidecar_key(metakeys.OPTIONS))
-                meta = {metakeys.OPTIONS: json.dumps(options_said, sort_keys=True)}
-            except (OSError, ValueError):
+                said = untrusted.read_json(side).obj().get(metakeys.sidecar_key(metakeys.OPTIONS))
+            except (OSError, MalformedInputError):
                 return None
-            break
-    if meta is None:
-        try:
-            meta = open_source(out).metadata()
-        except SdconvError:
-            return None
+            return said is not None and json.dumps(said.raw, sort_keys=True) == json.dumps(options, sort_keys=True)
+    try:
+        meta = open_source(out).metadata()
+    except SdconvError:
+        return None
     if metakeys.OPTIONS not in meta:
         return None
     return meta[metakeys.OPTIONS] == json.dumps(options, sort_keys=True)

@@ -6,12 +6,12 @@ from their raw bytes.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .converters import metakeys
+from .converters import metakeys, untrusted
 from .converters.analyse import analyse, read_input
 from .converters.registry import DEFAULT, Registry
+from .errors import MalformedInputError
 from .converters.synthetic import findings, position_ids_health, projection_look, scalar
 
 INSPECT_VERSION = 1
@@ -73,7 +73,7 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
             "dtypes": dtypes, "parameters": params, "bytes": sum(i.nbytes for i in infos),
             "projection": proj, "logit_scale": logit, "position_ids": pid,
             "synthetic": findings(source, rp),
-            "notes": rp.notes + f.notes,
+            "notes": rp.notes + f.notes + f.warnings,
         })
     components: dict = {}
     for k in source.keys():
@@ -88,6 +88,10 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
         if name == "unknown" and len(c.setdefault("examples", [])) < 5:
             c["examples"].append(k)
     path = Path(source.path)
+    file_notes: list[str] = []
+    ledger = _ledger_summary(source, reads[0].folder, file_notes)
+    for e in encoders:              # a note of the file is each encoder's
+        e["notes"] += file_notes
     size = sum(p.stat().st_size for p in source.files())
     return {
         "inspect_version": INSPECT_VERSION,
@@ -98,25 +102,43 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
         "encoders": encoders,
         "components": components,
         "metadata": source.metadata(reads[0].folder),
-        "ledger": _ledger_summary(source, reads[0].folder),
+        "ledger": ledger,
     }
 
 
-def _ledger_summary(source, folder: str) -> dict | None:
-    """What an sdconv output says of its own tensors: counts by origin, repairs, grafts."""
+def _ledger_summary(source, folder: str, notes: list) -> dict | None:
+    """What an sdconv output says of its own tensors: counts by origin, repairs, grafts. The
+    ledger is an optional record: a malformed one is ignored, with a note."""
+    return untrusted.ignoring(notes, "its sdconv ledger", lambda: ledger_summary(source, folder))
+
+
+def ledger_summary(source, folder: str) -> dict | None:
+    """The summary of the ledger in `source`'s metadata or sidecar; MalformedInputError if it
+    is not what sdconv writes."""
     raw = source.metadata(folder).get(metakeys.LEDGER)
-    ledger = json.loads(raw) if raw else None
+    ledger = untrusted.parse_json(raw, f"{source.path} metadata {metakeys.LEDGER}") if raw else None
     if ledger is None:
         side = Path(str(source.path) + metakeys.SIDECAR_SUFFIX)
         if source.is_folder:
             side = Path(source.path) / metakeys.SIDECAR_IN_FOLDER
-        if side.is_file():
-            ledger = json.loads(side.read_text()).get("ledger")
-    if not ledger:
+        if side.exists():
+            try:
+                ledger = untrusted.read_json(side).obj().get(metakeys.sidecar_key(metakeys.LEDGER))
+            except OSError as e:
+                raise MalformedInputError(f"{side}: unreadable ({e.strerror or e})")
+    if ledger is None or not ledger.obj().size():
         return None
     origins: dict = {}
-    for entry in ledger.get("tensors", {}).values():
-        origins[entry["origin"]] = origins.get(entry["origin"], 0) + 1
-    grafted = sorted({f"{e['file']}:{e['key']}" for e in ledger["tensors"].values() if e["origin"] == "grafted"})
-    return {"origins": origins, "repairs": ledger.get("repairs", []), "grafted": grafted,
-            "warnings": ledger.get("warnings", [])}
+    grafted = set()
+    tensors = ledger.get("tensors")
+    for _, entry in tensors.items() if tensors is not None else ():
+        origin = entry.obj()["origin"].text(most=64)
+        origins[origin] = origins.get(origin, 0) + 1
+        if origin == "grafted":
+            grafted.add(f"{entry['file'].text()}:{entry['key'].text()}")
+
+    def strings(name: str) -> list[str]:
+        v = ledger.get(name)
+        return v.strings() if v is not None else []
+    return {"origins": origins, "repairs": strings("repairs"), "grafted": sorted(grafted),
+            "warnings": strings("warnings")}

@@ -4,12 +4,10 @@ the buffers it carries). Then the repairs and warnings that follow from that hea
 Nothing here reads more than a few small tensors."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from ..errors import InputError, LayoutError
-from ..options import ENCODER_PARAMS
-from . import configs, metakeys
+from . import configs, metakeys, untrusted
 from .detect import detect, read_layout
 from .folders import open_source
 from .arch import absent_last_blocks, identify, infer_arch, resolve_params
@@ -17,6 +15,8 @@ from .plan import ReadPlan
 from .registry import DEFAULT, Registry
 from .sources import Source
 from .synthetic import UNINITIALISED, position_ids_health, scalar_placeholder, suspects
+
+OWN_METADATA = "input metadata"     # the origin of what sdconv's own metadata in the input says
 
 
 @dataclass
@@ -62,11 +62,18 @@ def analyse(source: Source, reads: list[ReadPlan], given: dict) -> list[Found]:
     found = []
     for rp in reads:
         arch = infer_arch(family, rp.shapes, rp.layers, f"{source.path} ({rp.layout.name} {rp.slot.name}): ")
-        from_input, origin, cfg_notes = _input_params(source, rp, arch)
+        from_input, origin, cfg_notes, own_warnings = _input_params(source, rp, arch)
         ident, ident_origin = identify(family, rp.slot, arch, given if len(reads) == 1 else {}, from_input)
-        pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident)
-        absent, depth = absent_last_blocks(family, ident, arch, rp.slot, int(from_input.get("absent_last", 0)))
-        f = Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth)
+        where = f"{source.path}/" if source.is_folder else f"{source.path}: "
+        try:
+            pr, po = resolve_params(family, rp.slot, arch, given, from_input, origin, ident, where)
+        except InputError as e:
+            if origin != OWN_METADATA:      # the input's config: its error; sdconv's old record: ignored
+                raise
+            own_warnings.append(f"{e.message}; its sdconv metadata ignored (sdconv's own record, not needed)")
+            pr, po = resolve_params(family, rp.slot, arch, given, {}, "", ident, where)
+        absent, depth = absent_last_blocks(family, ident, arch, rp.slot, from_input.get("absent_last", 0))
+        f = Found(rp, arch, ident, ident_origin, pr, po, absent, cfg_notes + depth, warnings=own_warnings)
         _drop_placeholder_scalars(source, f)
         _check_dtypes(source, f)
         f.health = _buffer_health(source, f)
@@ -163,22 +170,15 @@ def apply_repairs(found: list[Found], fix_position_ids: bool, strict: bool):
 
 
 def _input_params(source: Source, rp: ReadPlan, arch: dict):
-    """What the input says of itself: heads/act from its config file, else from sdconv's own
-    metadata; which encoder it is from that metadata."""
-    got, origin, notes = {}, "", []
+    """What the input says of itself: heads/act from its config file (which must be well formed:
+    it is the input's), else from sdconv's own metadata (an optional record: ignored with a
+    warning when malformed); which encoder it is from that metadata."""
     meta = source.metadata(rp.folder)
-    try:
-        per = json.loads(meta.get(metakeys.ENCODERS, "{}"))
-        mine = per.get(rp.slot.name) or (next(iter(per.values())) if len(per) == 1 else None)
-        if mine is not None:
-            got, origin = dict(mine.get("params", {})), "input metadata"
-            if mine.get("absent_last_blocks"):
-                got["absent_last"] = int(mine["absent_last_blocks"])
-        elif metakeys.PARAMS in meta:
-            got = {k: v for k, v in json.loads(meta[metakeys.PARAMS]).items() if k in ENCODER_PARAMS}
-            origin = "input metadata"
-    except (ValueError, AttributeError, TypeError):
-        got = {}
+    warnings: list[str] = []
+    mine = untrusted.ignoring(warnings, "its sdconv metadata",
+                              lambda: own_params(meta, rp.slot.name, f"{source.path}", rp.layout.family.act_choices))
+    got, origin = mine or ({}, "")
+    notes = []
     if meta.get(metakeys.ENCODER):
         got["encoder"] = meta[metakeys.ENCODER]
     cfg_spec = rp.slot.config
@@ -189,4 +189,32 @@ def _input_params(source: Source, rp: ReadPlan, arch: dict):
         origin = rp.folder + cfg_spec.file
         notes = [f"{rp.folder + cfg_spec.file} says {k} = {v}, the weights say {arch[k]}"
                  for k, v in read["declared"].items() if k in arch and arch[k] != v]
-    return got, origin, notes
+    return got, origin, notes, warnings
+
+
+def own_params(meta: dict, slot: str, where: str, acts) -> tuple[dict, str]:
+    """heads/act (and blocks already dropped) that sdconv recorded in an earlier output's
+    metadata: `sdconv.encoders` (per encoder), else `sdconv.params`. MalformedInputError if a
+    record is not what sdconv writes."""
+    def params(v: untrusted.Value) -> dict:
+        out = {}
+        if (heads := v.obj().get("heads")) is not None:
+            out["heads"] = heads.whole(1, untrusted.MAX_HEADS)
+        if (act := v.get("act")) is not None:
+            out["act"] = act.text(choices=acts)
+        return out
+    if metakeys.ENCODERS in meta:
+        per = untrusted.parse_json(meta[metakeys.ENCODERS], f"{where} metadata {metakeys.ENCODERS}").obj()
+        mine = per.get(slot)
+        if mine is None and per.size() == 1:
+            mine = next(v for _, v in per.items())
+        if mine is not None and mine.obj().size():
+            got = params(mine.obj()["params"]) if mine.get("params") is not None else {}
+            absent = mine.get("absent_last_blocks")
+            if absent is not None and absent.whole(0, untrusted.MAX_LAYERS):
+                got["absent_last"] = absent.raw
+            return got, OWN_METADATA
+    if metakeys.PARAMS in meta:
+        return params(untrusted.parse_json(meta[metakeys.PARAMS], f"{where} metadata {metakeys.PARAMS}")), \
+            OWN_METADATA
+    return {}, ""

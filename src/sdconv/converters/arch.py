@@ -61,9 +61,10 @@ def identify(family: Family, slot: Slot, arch: dict, given: dict, from_input: di
 
 
 def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_input: dict, input_origin: str,
-                   identity: str):
+                   identity: str, where: str = ""):
     """heads and act: --param > the input's own config > the layout's default > the kind's
-    (heads only at the kind's own width) > the family's."""
+    (heads only at the kind's own width) > the family's. A value that cannot serve is a usage
+    error (2), or an input error (3) when it comes from the input (`where` names it)."""
     kind = family.kinds.get(identity)
     params, origin = {}, {}
     for name in ENCODER_PARAMS:
@@ -83,15 +84,22 @@ def resolve_params(family: Family, slot: Slot, arch: dict, given: dict, from_inp
             origin[name] = f"width {arch['width']} / head width {family.head_width}"
         else:
             params[name], origin[name] = family.act_default, f"{family.name} default"
+
+    def refuse(name: str, message: str, hint: str):
+        # a value from the input's own files is the input's fault (3); one given or chosen, usage (2)
+        if input_origin and origin.get(name) == input_origin and name not in given:
+            raise InputError(f"{where}{input_origin}: {message}", hint)
+        raise UsageError(message, hint)
     if params["act"] not in family.act_choices:
-        raise UsageError(f"unknown activation {params['act']!r}", f"choose one of {', '.join(family.act_choices)}")
+        refuse("act", f"unknown activation {params['act']!r}",
+               f"choose one of {', '.join(family.act_choices)} (--param act=NAME)")
     try:
         params["heads"] = int(params["heads"])
     except (TypeError, ValueError):
-        raise UsageError(f"heads must be a whole number, found {params['heads']!r}")
+        refuse("heads", f"heads must be a whole number, found {params['heads']!r}", "pass --param heads=N")
     if params["heads"] <= 0 or arch["width"] % params["heads"]:
-        raise UsageError(f"heads = {params['heads']} does not divide width {arch['width']}",
-                         "pass a --param heads=N that divides the width")
+        refuse("heads", f"heads = {params['heads']} does not divide width {arch['width']}",
+               "pass a --param heads=N that divides the width")
     return params, origin
 
 

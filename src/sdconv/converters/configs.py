@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Callable, NamedTuple
 
-from . import dtypes
+from . import dtypes, untrusted
 
 # The activations sdconv serves: the reference forward pass computes them (clip_forward.py) and
 # every config format can say them (open_clip's has a single quick_gelu flag).
@@ -16,19 +16,31 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 HF_TORCH_DTYPE = {d.code: d.torch for d in dtypes.TABLE if d.is_float and d.size >= 2}
 
 
-def read_hf_clip_text(cfg: dict) -> dict:
-    """Parameters and declared sizes from a transformers CLIPTextConfig (or a CLIPConfig)."""
-    if "text_config" in cfg and isinstance(cfg["text_config"], dict):
-        cfg = cfg["text_config"]
+def read_hf_clip_text(cfg: untrusted.Value) -> dict:
+    """Parameters and declared sizes from a transformers CLIPTextConfig (or a CLIPConfig), each
+    checked for its type and range (MalformedInputError naming the file and field)."""
+    cfg = cfg.obj()
+    text = cfg.get("text_config")
+    if text is not None and text.is_object():
+        cfg = text
     out = {}
-    if "num_attention_heads" in cfg:
-        out["heads"] = int(cfg["num_attention_heads"])
-    if "hidden_act" in cfg:
-        out["act"] = str(cfg["hidden_act"])
-    declared = {"width": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers"),
-                "ffn": cfg.get("intermediate_size"), "vocab": cfg.get("vocab_size"),
-                "context": cfg.get("max_position_embeddings")}
-    return {"params": out, "declared": {k: v for k, v in declared.items() if v is not None}}
+    if (heads := cfg.get("num_attention_heads")) is not None:
+        out["heads"] = heads.whole(1, untrusted.MAX_HEADS)
+    if (act := cfg.get("hidden_act")) is not None:
+        out["act"] = act.text(most=64)
+    declared = {}
+    for name, field in (("width", "hidden_size"), ("layers", "num_hidden_layers"), ("ffn", "intermediate_size"),
+                        ("vocab", "vocab_size"), ("context", "max_position_embeddings")):
+        if (v := cfg.get(field)) is not None:
+            declared[name] = v.whole(1, 1 << 40)
+    return {"params": out, "declared": declared}
+
+
+def read_hf_clip_vision_act(cfg: untrusted.Value | None) -> str | None:
+    """The vision tower's activation a transformers CLIPConfig states, if any."""
+    vision = cfg.obj().get("vision_config") if cfg is not None else None
+    act = vision.get("hidden_act") if vision is not None and vision.is_object() else None
+    return act.text(most=64) if act is not None else None
 
 
 def write_hf_clip_text(arch: dict, params: dict, dtype_code: str, vision=None) -> str:
@@ -102,7 +114,7 @@ def write_open_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
 
 
 class SlotFormat(NamedTuple):
-    read: Callable              # config dict -> {"params": ..., "declared": ...}
+    read: Callable              # config (untrusted.Value) -> {"params": ..., "declared": ...}
     write: Callable             # (arch, params, dtype code) -> text
 
 

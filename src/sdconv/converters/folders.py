@@ -3,10 +3,10 @@ level down, as diffusers components are, keys of a sub-folder prefixed with `<su
 files, such as config.json, readable too), or a transformers shard index (*.index.json)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import InputError, UnsafeInputError
+from . import untrusted
 from .pickles import PickleSource
 from .sources import PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource, Source
 
@@ -16,17 +16,26 @@ FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_
 
 
 class ShardedSource(Source):
-    """A transformers *.index.json: keys spread over several files."""
+    """A transformers *.index.json: keys spread over several files, each a regular file in the
+    index's own folder (a name with `..`, an absolute path, a symlink leading out of the folder,
+    a FIFO or a device is refused, never opened), each holding the keys the index gives it."""
     container = "sharded"
 
     def __init__(self, index: Path):
         self.path = index
         try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, OSError) as e:
-            raise InputError(f"{index}: unreadable shard index ({e})")
-        self._shards = {f: open_file(index.parent / f) for f in sorted(set(wm.values()))}
-        self._where = {k: self._shards[f] for k, f in wm.items()}
+            doc = untrusted.read_json(index)
+        except OSError as e:
+            raise InputError(f"{index}: unreadable shard index ({e.strerror or e})")
+        wm = doc.obj()["weight_map"]
+        names = {k: v.text() for k, v in wm.items()}
+        self._shards = {f: open_file(shard_path(index, f)) for f in sorted(set(names.values()))}
+        self._where = {k: self._shards[f] for k, f in names.items()}
+        held = {f: set(src.keys()) for f, src in self._shards.items()}
+        for k, f in names.items():
+            if k not in held[f]:
+                raise InputError(f"{index}: names {k!r} in {f}, which does not hold it",
+                                 "the index and its shards are from different downloads; fetch them again")
 
     def keys(self):
         return list(self._where)
@@ -44,11 +53,28 @@ class ShardedSource(Source):
         return [p for s in self._shards.values() for p in s.files()]
 
 
+def shard_path(index: Path, name: str) -> Path:
+    """The shard an index names, if it is a regular file inside the index's folder (or, for an
+    index that is itself a symlink, as in the Hugging Face cache, inside the folder it resolves
+    to). Checked before anything is opened."""
+    p = untrusted.within(index.parent, name)
+    if p is None or name.endswith(".index.json"):
+        raise InputError(f"{index}: names the shard {name!r}, which is not a weights file in its folder",
+                         "an index names weight files beside it: no '..', no absolute paths, no other index")
+    real = p.resolve()
+    if not any(real.is_relative_to(d) for d in {index.parent.resolve(), index.resolve().parent}):
+        raise InputError(f"{index}: the shard {name!r} leads out of the index's folder (to {real})",
+                         "a shard must be a file beside its index, not a symlink to elsewhere")
+    return p
+
+
 def _weights_in(d: Path) -> Path | None:
+    """The weights file of a model folder, by name; only regular files count (a FIFO or device
+    named model.safetensors is never opened: open_file refuses it)."""
     for name in FOLDER_WEIGHTS:
-        if (d / name).is_file():
+        if (d / name).exists() and not (d / name).is_dir():
             return d / name
-    found = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in SAFETENSORS_EXT + PICKLE_EXT)
+    found = sorted(p for p in d.iterdir() if not p.is_dir() and p.suffix in SAFETENSORS_EXT + PICKLE_EXT)
     return found[0] if len(found) == 1 else None
 
 
@@ -99,18 +125,25 @@ class FolderSource(Source):
 
     def read_json(self, rel):
         p = self.path / rel
-        if not p.is_file():
+        if not p.exists():
             return None
         try:
-            return json.loads(p.read_text())
-        except (ValueError, OSError) as e:
-            raise InputError(f"{p}: unreadable JSON ({e})")
+            return untrusted.read_json(p)
+        except OSError as e:
+            raise InputError(f"{p}: unreadable ({e.strerror or e})")
 
     def files(self):
         return [p for s in self._parts.values() for p in s.files()]
 
 
 def open_file(path: Path) -> Source:
+    """The Source of one file, by its suffix. Only a regular file is opened: a FIFO would block,
+    a device could act."""
+    try:
+        untrusted.check_regular(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})" if not isinstance(e, untrusted.NotRegular)
+                         else str(e), "sdconv reads checkpoint files and model folders")
     try:
         if path.suffix in SAFETENSORS_EXT:
             return SafetensorsSource(path)

@@ -4,6 +4,7 @@ the canonical names make the transposes automatic."""
 from __future__ import annotations
 
 from ..errors import InputError, LayoutError, UsageError
+from . import configs
 from .analyse import Found, analyse, read_input
 from .hashing import sha256_of
 from .arch import infer_arch
@@ -77,7 +78,13 @@ def plan_vision(reference, target: ResolvedLayout, text: Found, force_activation
     varch = infer_arch(rv.family, vread.shapes, vread.layers, f"{reference} (vision): ")
     ref_text = analyse(ref_source, ref_reads, {})[0]
     cfg = ref_source.read_json(ref_reads[0].folder + "config.json") if ref_source.is_folder else None
-    vact = ((cfg or {}).get("vision_config") or {}).get("hidden_act") or ref_text.params["act"]
+    vact = configs.read_hf_clip_vision_act(cfg) or ref_text.params["act"]
+    if vact not in rv.family.act_choices:
+        raise InputError(f"{reference}: its config says the vision tower runs {vact!r}, which sdconv does not serve",
+                         f"known: {', '.join(rv.family.act_choices)}")
+    if varch["width"] % rv.family.head_width:
+        raise InputError(f"{reference}: a vision width of {varch['width']} is not a multiple of the head width "
+                         f"{rv.family.head_width}", "sdconv cannot tell the vision tower's heads")
     vparams = {"heads": varch["width"] // rv.family.head_width, "act": vact}
     if varch["proj"] != text.arch.get("proj"):
         raise UsageError(f"the vision projection has {varch['proj']} outputs, the text projection "

@@ -15,6 +15,12 @@ import os
 import threading
 from pathlib import Path
 
+from ..errors import MalformedInputError
+from . import untrusted
+
+# the cache: a few thousand entries of ~200 bytes; anything much larger is not sdconv's
+CACHE_LIMITS = untrusted.Limits(8 << 20, 4, 200_000)
+
 
 def _cache_file() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -30,10 +36,17 @@ def _identity(paths) -> str:
 
 
 def _read_cache() -> dict:
+    """The cache's entries: {identity: 64 hex digits}. A cache that cannot be read, is too large,
+    or holds anything else (a list, wrong types, bad digests) is ignored, and rewritten by the
+    next hash; entries that are not what sdconv writes are dropped one by one."""
     try:
-        return json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
+        doc = untrusted.read_json(_cache_file(), CACHE_LIMITS)
+        if not doc.is_object():
+            return {}
+    except (OSError, MalformedInputError):
         return {}
+    return {k: v for k, v in doc.raw.items() if "\0" not in k and isinstance(v, str) and len(v) == 64
+            and all(c in "0123456789abcdef" for c in v)}
 
 
 def _write_cache(key: str, digest: str):

@@ -51,8 +51,9 @@ def _canonicals(v, at: At) -> tuple[str, ...]:
 
 
 def _shape(v, at: At) -> tuple:
-    if not isinstance(v, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
-        raise at.error(f"{at.what}: a shape is a list of symbols or integers, found {v!r}")
+    if not isinstance(v, list) or not all(isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)
+                                                                   and x >= 1) for x in v):
+        raise at.error(f"{at.what}: a shape is a list of symbols or sizes of at least 1, found {v!r}")
     return tuple(v)
 
 
@@ -306,6 +307,8 @@ def _check_presets(fam: Family, d):
             checks.get(k, whole(1))(v, at.to(raw.line_of(k), f"{at.what} {k}"))
         if p["act"] not in fam.act_choices:
             raise at.error(f"{at.what}: activation {p['act']!r} is not one of {list(fam.act_choices)}")
+        if "width" in p and p["width"] % p["heads"]:
+            raise at.error(f"{at.what}: {p['heads']} heads do not divide width {p['width']}")
 
 
 @guarded
@@ -317,6 +320,8 @@ def parse_family(path) -> Family:
     for k in fam.kinds.values():
         if k.act not in choices:
             raise MappingError(path, k.lines["act"], f"activation {k.act!r} is not one of {choices}")
+        if k.width % k.heads:
+            raise MappingError(path, k.lines["heads"], f"kind {k.name}: {k.heads} heads do not divide width {k.width}")
     for b in fam.buffers.values():
         if b.dtype != SYNTHESIZERS[b.synthesize]:      # the engine writes what the synthesizer makes
             raise MappingError(path, b.lines["dtype"], f"buffer {b.name}: synthesizer {b.synthesize!r} makes "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -167,8 +168,9 @@ def whole(least: int | None = 0) -> Callable:
 
 
 def number(v, at: At) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise at.error(f"{at.what} must be a number, found {v!r}")
+    # finite: YAML's .inf and .nan would reach arithmetic and tensors
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise at.error(f"{at.what} must be a number (finite), found {v!r}")
     return v
 
 

@@ -10,7 +10,6 @@ folders.py.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -19,8 +18,8 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from . import dtypes, leases
+from ..errors import InputError, MalformedInputError
+from . import dtypes, leases, untrusted
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -77,7 +76,8 @@ class Source:
     def kind(self) -> str:
         return self.container
 
-    def read_json(self, rel: str) -> dict | None:
+    def read_json(self, rel: str) -> "untrusted.Value | None":
+        """A JSON file of the input (a folder's config.json), bounded and typed; None if absent."""
         return None
 
     def files(self) -> list[Path]:
@@ -139,22 +139,23 @@ class SafetensorsSource(Source):
                 raise InputError(f"{path}: not a safetensors file (only {size} bytes)",
                                  "the file is empty or truncated; download it again")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8 or n > untrusted.HEADER.bytes:
                 raise InputError(f"{path}: not a safetensors file (header length {n} does not fit in {size} bytes)",
                                  "the file is truncated, or is not a checkpoint (an HTML page or a git-lfs pointer?)")
             raw = f.read(n)
         try:
-            header = json.loads(raw)
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            meta = header.pop("__metadata__", None) or {}
-            if not isinstance(meta, dict):
-                raise ValueError("__metadata__ is not an object")
-            self._meta = {str(k): str(v) for k, v in meta.items()}
+            header = untrusted.parse_json(raw, f"{path} header", untrusted.HEADER).obj()
+            meta = header.get("__metadata__")
+            # safetensors' own rule: metadata maps strings to strings
+            self._meta = {} if meta is None else {k: v.text(most=untrusted.HEADER.bytes) for k, v in meta.items()}
             self._info, self._offsets = {}, {}
-            for k, v in header.items():
-                self._info[k], self._offsets[k] = header_entry(k, v)
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            for k, v in header.raw.items():
+                if k != "__metadata__":
+                    self._info[k], self._offsets[k] = header_entry(k, v)
+        except MalformedInputError as e:
+            raise InputError(f"{path}: not a safetensors file (invalid header: {e.detail})",
+                             "the file is damaged or is not a checkpoint")
+        except (ValueError, TypeError) as e:
             raise InputError(f"{path}: not a safetensors file (invalid header: {e})",
                              "the file is damaged or is not a checkpoint")
         self._data_start = 8 + n
