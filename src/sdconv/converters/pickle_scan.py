@@ -133,7 +133,7 @@ class _Machine:
 
     # -- what is refused
     def unsafe(self, what: str):
-        raise UnsafeInputError(f"{self.path}: refused to unpickle {self.what}: it {what}, which could run code",
+        raise UnsafeInputError(f"{self.path}: refused to unpickle: it {what} in {self.what}, which could run code",
                                UNSAFE_HINT)
 
     def imported(self, module, name) -> Import:
@@ -256,10 +256,13 @@ def scan_pickle(f, path, what: str, allowed, scan: Scan | None = None) -> Scan:
             machine.step(op, arg)
             stopped = op.name == "STOP"
     except _Malformed as e:
-        raise InputError(f"{path}: {what} is not a valid pickle ({e})", DAMAGED_HINT) from None
+        raise InputError(f"{path}: not a readable torch checkpoint ({what} is not a valid pickle: {e})",
+                         DAMAGED_HINT) from None
     except (ValueError, TypeError, EOFError, OverflowError, UnicodeDecodeError, MemoryError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise InputError(f"{path}: {what} is not a valid pickle ({first})", DAMAGED_HINT) from None
+        raise InputError(f"{path}: not a readable torch checkpoint ({what} is not a valid pickle: {first})",
+                         DAMAGED_HINT) from None
     if not stopped:
-        raise InputError(f"{path}: {what} is not a valid pickle (it has no end)", DAMAGED_HINT)
+        raise InputError(f"{path}: not a readable torch checkpoint ({what} is not a valid pickle: it has no end)",
+                         DAMAGED_HINT)
     return scan
