@@ -149,8 +149,11 @@ class _Machine:
         return Import(full)
 
     def called(self, fn):
-        if not isinstance(fn, Import):
+        if isinstance(fn, Import):
+            return
+        if fn is UNKNOWN:       # an object the pickle built, or what a call returned: could be anything
             self.unsafe("calls an object it built itself, not an allowed import")
+        raise _Malformed(f"it calls a {type(fn).__name__}")     # a constant: a damaged pickle, not a threat
 
     def persistent(self, pid):
         ok = (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], Import)
