@@ -131,7 +131,7 @@ def _torch_load(path: Path, mmap: bool):
     damaged file (exit 3), whatever the exception."""
     import torch
     try:
-        named = torch.serialization.get_unsafe_globals_in_checkpoint(path) if mmap else []
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
     except Exception:       # torch's own list is a second opinion; the scan above is the rule
         named = []
     unknown = [n for n in named if n not in ALLOWED_GLOBALS]
