@@ -127,15 +127,16 @@ HOSTILE_PICKLE = f"cos\nsystem\n(S'touch {MARKER}'\ntR.".encode()
 @pytest.mark.oracle
 def test_hostile_code_is_never_run(archive, tmp_path, monkeypatch, no_jit, mode):
     """code/ rewritten to run a command (prepended to the real code, or instead of it), and the
-    other side files (constants.pkl, *.debug_pkl) swapped for os.system pickles: the tensors still
-    read, and nothing runs."""
+    debug side files (*.debug_pkl, never read) swapped for os.system pickles: the tensors still
+    read, and nothing runs. constants.pkl swapped for one is refused (its imports are checked like
+    data.pkl's, though it is never unpickled), and nothing runs either."""
     path, oracle = archive
     monkeypatch.chdir(tmp_path)
 
     def change(name, data):
         if "/code/" in name and name.endswith(".py"):
             return HOSTILE_CODE.encode() + (data if mode == "prepend" else b"")
-        if name.endswith(".debug_pkl") or name.endswith("/constants.pkl"):
+        if name.endswith(".debug_pkl"):
             return HOSTILE_PICKLE
         return data
     bad = rewrite(path, tmp_path / "hostile.pt", change)
@@ -143,6 +144,11 @@ def test_hostile_code_is_never_run(archive, tmp_path, monkeypatch, no_jit, mode)
     assert_same(read_torchscript(bad), oracle)
     convert(bad, tmp_path / "out.safetensors", to="openai")
     assert not (tmp_path / MARKER).exists()
+    worse = rewrite(bad, tmp_path / "hostile-constants.pt",
+                    lambda name, data: HOSTILE_PICKLE if name.endswith("/constants.pkl") else data)
+    with pytest.raises(UnsafeInputError, match="imports os.system in constants.pkl"):
+        convert(worse, tmp_path / "out2.safetensors", to="openai")
+    assert not (tmp_path / MARKER).exists() and not (tmp_path / "out2.safetensors").exists()
 
 
 class _Payload:

@@ -47,7 +47,8 @@ class TensorInfo:
 
 
 def tensor_bytes(t):
-    """A contiguous CPU tensor's bytes as a zero-copy buffer (no numpy needed)."""
+    """A contiguous CPU tensor's bytes as a zero-copy buffer (no numpy needed). The buffer does
+    not keep `t` alive: the caller holds `t` while it uses the buffer."""
     import ctypes
     n = t.numel() * t.element_size()
     return (ctypes.c_char * n).from_address(t.data_ptr()) if n else b""
@@ -71,7 +72,8 @@ class Source:
 
     def raw(self, key: str) -> bytes:
         """A tensor's bytes (little-endian, row-major), for small tensors such as position_ids."""
-        return bytes(tensor_bytes(self.load(key).contiguous()))
+        t = self.load(key).contiguous()     # held while its bytes are copied (a temporary would be freed first)
+        return bytes(tensor_bytes(t))
 
     def kind(self) -> str:
         return self.container

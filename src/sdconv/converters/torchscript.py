@@ -5,10 +5,13 @@ A TorchScript archive is a zip: `<root>/data.pkl` (the module tree, pickled), `<
 `torch.jit.load` compiles and runs the code, and `torch.load(weights_only=True)` refuses these
 archives, so sdconv reads them itself:
 
-- only `data.pkl` is unpickled, by `_Unpickler`, whose `find_class` resolves a short list of names
-  to inert stand-ins and refuses every other global (`UnsafeInputError`). Nothing from the archive
-  is ever imported, compiled or called; `constants.pkl` is never opened.
-- storages are the bytes of `<root>/data/<key>` viewed with the dtype their type name gives.
+- `data.pkl` and `constants.pkl` are first walked opcode by opcode (pickle_scan): any import
+  outside TORCHSCRIPT_GLOBALS, by any opcode, is refused (`UnsafeInputError`) before anything is
+  unpickled. Then only `data.pkl` is unpickled, by `_Unpickler`, whose `find_class` resolves the same
+  short list to inert stand-ins and refuses every other global (the second line). Nothing from the
+  archive is ever imported, compiled or called; `constants.pkl` is never unpickled.
+- storages are the bytes of `<root>/data/<key>` (decompressed if need be, sizes checked against the
+  pickle before reading) viewed with the dtype their type name gives.
 - the module tree is walked, joining attribute names with dots, which gives the keys of
   `torch.jit.load(path).state_dict()` (parameters and buffers, in the same order). data.pkl does not
   say which tensor attributes are parameters or buffers (a scripted module may hold plain tensor
@@ -25,10 +28,22 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import InputError, SdconvError, UnsafeInputError
+from .pickle_scan import DAMAGED_HINT, STORAGE_SIZES, UNSAFE_HINT, scan_pickle
+from .tensorcheck import pickle_record, storage_records, unique_names
 
-_UNSAFE_HINT = ("sdconv never runs code from a checkpoint; convert the file to .safetensors with a tool you "
-                "trust")
-_DAMAGED_HINT = "the file may be truncated or damaged; download it again"
+
+class _TorchScriptNames:
+    """What a TorchScript pickle may import: its module classes (`__torch__.*`, replaced by inert
+    stand-ins) and what rebuilds tensors."""
+    NAMES = frozenset({"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor",
+                       "torch._utils._rebuild_parameter", "collections.OrderedDict", "torch.device",
+                       *(f"torch.{s}" for s in STORAGE_SIZES if s != "UntypedStorage")})
+
+    def __contains__(self, name) -> bool:
+        return name.startswith("__torch__.") or name in self.NAMES
+
+
+TORCHSCRIPT_GLOBALS = _TorchScriptNames()
 
 
 def _storage_dtypes() -> dict:
@@ -141,14 +156,14 @@ class _Unpickler(pickle.Unpickler):
         if module == "torch" and name == "device":
             return torch.device                # a value type: building one only parses "cpu"/"cuda:0"
         raise UnsafeInputError(f"{self._path}: refused to unpickle: it imports {module}.{name}, "
-                               f"which could run code", _UNSAFE_HINT)
+                               f"which could run code", UNSAFE_HINT)
 
     def persistent_load(self, pid):
         # ('storage', StorageType, key, location, numel): the bytes of <root>/data/<key>
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
             raise InputError(f"{self._path}: unexpected persistent id {str(pid)[:80]!r} in data.pkl",
-                             _DAMAGED_HINT)
+                             DAMAGED_HINT)
         _, stype, key, _location, numel = pid
         cached = self._storages.get(key)
         if cached is not None:
@@ -158,7 +173,7 @@ class _Unpickler(pickle.Unpickler):
         size = torch.empty((), dtype=stype.dtype).element_size()
         if not isinstance(numel, int) or len(data) != numel * size:
             raise InputError(f"{self._path}: storage {key} holds {len(data)} bytes, expected {numel} x {size}",
-                             _DAMAGED_HINT)
+                             DAMAGED_HINT)
         t = torch.frombuffer(data, dtype=stype.dtype) if data else torch.empty(0, dtype=stype.dtype)
         self._storages[key] = t
         return t
@@ -166,7 +181,7 @@ class _Unpickler(pickle.Unpickler):
     def _rebuild_tensor(self, storage, storage_offset, size, stride):
         import torch
         if not isinstance(storage, torch.Tensor):
-            raise InputError(f"{self._path}: a tensor in data.pkl has no storage", _DAMAGED_HINT)
+            raise InputError(f"{self._path}: a tensor in data.pkl has no storage", DAMAGED_HINT)
         # as_strided checks that the view stays inside the storage
         return torch.as_strided(storage, tuple(size), tuple(stride), storage_offset)
 
@@ -208,15 +223,23 @@ def read_torchscript(path) -> dict:
             roots = sorted(r for r in _roots(names) if f"{r}data.pkl" in names)
             if len(roots) != 1:
                 raise InputError(f"{path}: not a TorchScript archive ({len(roots)} data.pkl records at the top)",
-                                 _DAMAGED_HINT)
+                                 DAMAGED_HINT)
             root = roots[0]
             if f"{root}byteorder" in names and zf.read(f"{root}byteorder").strip() != b"little":
                 raise InputError(f"{path}: a big-endian TorchScript archive, which sdconv does not read")
+            unique_names(zf)
+            for name in ("data.pkl", "constants.pkl"):     # every import checked before anything is unpickled
+                if name == "data.pkl" or f"{root}{name}" in names:
+                    pickle_record(zf, f"{root}{name}")
+                    with zf.open(f"{root}{name}") as f:
+                        scan = scan_pickle(f, path, name, TORCHSCRIPT_GLOBALS)
+                    if name == "data.pkl":
+                        list(storage_records(zf, root, scan.storages, path))
             with zf.open(f"{root}data.pkl") as f:
                 top = _Unpickler(f, zf, root, path).load()
             if not isinstance(top, _ScriptObject):
                 raise InputError(f"{path}: data.pkl holds a {type(top).__name__}, not a TorchScript module",
-                                 _DAMAGED_HINT)
+                                 DAMAGED_HINT)
             out: dict = {}
             _walk(top, "", out, _declared(zf, root, names))
     except SdconvError:
@@ -224,5 +247,5 @@ def read_torchscript(path) -> dict:
     except Exception as e:  # malformed zip or pickle: every failure is a damaged input here
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise InputError(f"{path}: not a readable TorchScript archive ({type(e).__name__}: {reason})",
-                         _DAMAGED_HINT) from None
+                         DAMAGED_HINT) from None
     return out
