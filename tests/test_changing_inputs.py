@@ -111,3 +111,22 @@ def test_replaced_while_converting(src, tmp_path):
     code, err = _go_on(p)
     _clean_exit_3(code, err, tmp_path, "was replaced")
     assert not (tmp_path / "o").exists()
+
+
+def test_truncated_torch_zip_while_paused(src, tmp_path):
+    """The same for a torch zip checkpoint, which torch.load maps: exit 3, not SIGBUS."""
+    import torch
+
+    from tests.helpers.fixtures import read_all
+    ckpt = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": read_all(src)}, ckpt)
+    p = _start(ckpt, tmp_path / "o")
+    p.send_signal(signal.SIGSTOP)
+    t = threading.Thread(target=lambda: os.truncate(ckpt, 100))
+    t.start()
+    time.sleep(0.5)
+    p.send_signal(signal.SIGCONT)
+    code, err = _go_on(p)
+    t.join(timeout=60)
+    _clean_exit_3(code, err, tmp_path)
+    assert os.path.getsize(ckpt) == 100

@@ -266,8 +266,8 @@ def test_truncated_while_read_is_an_error_not_sigbus(tmp_path, sd1):
         from sdconv.converters.folders import open_file
         from sdconv.errors import InputError
         src = open_file(Path({str(tmp_path / 'x.ckpt')!r}))
-        os.truncate({str(tmp_path / 'x.ckpt')!r}, 4096)
-        try:
+        try:        # the read lease stops the truncation itself (leases.py); else load() sees the size
+            os.truncate({str(tmp_path / 'x.ckpt')!r}, 4096)
             for k in src.keys():
                 float(src.load(k).double().sum())
         except InputError as e:
@@ -277,7 +277,7 @@ def test_truncated_while_read_is_an_error_not_sigbus(tmp_path, sd1):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    assert "InputError 3" in r.stdout and "shrank" in r.stdout
+    assert "InputError 3" in r.stdout and ("shrank" in r.stdout or "being changed" in r.stdout)
 
 
 def test_checked_tensor_is_the_one_gate():

@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import InputError, SdconvError, UnsafeInputError
-from . import dtypes
+from . import dtypes, leases
 from .pickle_scan import TENSOR_GLOBALS, UNSAFE_HINT, Scan, scan_pickle
 from .sources import MAPPED_SOURCES, Source, TensorInfo
 from .tensorcheck import (check_legacy_sizes, check_zip_records, checked_tensors, pickle_record, unique_names,
@@ -164,6 +164,7 @@ class PickleSource(Source):
         if mmap:        # opened before torch maps it: load() re-checks its size before handing out a view
             self._fd = os.open(path, os.O_RDONLY)
             self._size = os.fstat(self._fd).st_size
+            leases.hold(self._fd, path)     # a truncation or write now stops sdconv (exit 3), not SIGBUS
         obj = _torch_load(path, mmap)
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]     # Lightning / CompVis .ckpt nesting
