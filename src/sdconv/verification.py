@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .converters import leases
 from .converters.analyse import analyse, read_input
 from .converters.execute import load_canonical
 from .converters.registry import DEFAULT, Registry
@@ -106,6 +107,13 @@ def verify(a_path, b_path, *, encoder=None, from_a=None, from_b=None, params_a=N
     CLIP forward pass (fp32) on fixed probes (and `prompts`, with a `tokenizer` folder); the
     report (a dict, as `sdconv verify --json` prints it) has each side, the weights compared,
     per-probe cosine and max-abs of each output, a `verdict` and an `exit_code` (0: the same)."""
+    try:
+        return _verify(a_path, b_path, encoder, from_a, from_b, params_a, params_b, prompts, tokenizer, atol, registry)
+    finally:
+        leases.release_all()        # done reading: a lease kept would hold up whoever writes the files next
+
+
+def _verify(a_path, b_path, encoder, from_a, from_b, params_a, params_b, prompts, tokenizer, atol, registry) -> dict:
     import torch
 
     from .clip_forward import PROBE_ROWS, as_float32, encode, probe_ids
