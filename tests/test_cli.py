@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from tests.helpers.fixtures import ALL_LAYOUTS, distinct_canonical, write_layout
 from sdconv.cli import main
+from tests.helpers.checks import assert_one_line_error
 
 
 def run(*args):
@@ -95,13 +96,7 @@ def test_program_skips_teardown_but_keeps_output_and_exit_codes(sd1, tmp_path):
     assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError: bug" in r.stderr
 
 
-def _assert_clean_error(code, text, want_code, *needles):
-    assert code == want_code, text
-    lines = [ln for ln in text.strip().splitlines() if ln]
-    assert len(lines) == 1 and lines[0].startswith("sdconv: error: "), text
-    assert "Traceback" not in text
-    for n in needles:
-        assert n in text, (n, text)
+_assert_clean_error = assert_one_line_error
 
 
 def test_unknown_layout_suggests(sd1, tmp_path):

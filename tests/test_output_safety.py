@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sdconv.cli import main
+from tests.helpers.checks import assert_one_line_error, tiny_disk
 from tests.helpers.fixtures import distinct_canonical, write_layout, write_multi
 
 
@@ -33,12 +34,7 @@ def _run(*args):
 
 
 def _refused(code, text, *needles, exit_code=6):
-    assert code == exit_code, text
-    lines = [ln for ln in text.strip().splitlines() if ln]
-    assert len(lines) == 1 and lines[0].startswith("sdconv: error: "), text
-    assert "Traceback" not in text
-    for n in needles:
-        assert n in text, (n, text)
+    assert_one_line_error(code, text, exit_code, *needles)
 
 
 @pytest.fixture
@@ -182,25 +178,18 @@ def test_a_cast_that_overflows_is_caught_and_names_the_tensor(tmp_path):
 def test_a_full_disk_during_torch_save_is_exit_6(tmp_path, monkeypatch):
     """A .pt output on a full disk: torch's zip writer fails with a RuntimeError; it is exit 6,
     one line, and nothing is left (a real 64 KiB tmpfs where mounting is allowed)."""
-    import subprocess
     src = _sd1(tmp_path / "sd.safetensors")
     small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
-                             capture_output=True).returncode == 0
-    if not mounted:
-        import torch
+    with tiny_disk(small) as mounted:
+        if not mounted:
+            import torch
 
-        def full(*a, **k):
-            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
-        monkeypatch.setattr(torch, "save", full)
-    try:
+            def full(*a, **k):
+                raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+            monkeypatch.setattr(torch, "save", full)
         code, text = _run("convert", src, "-o", small / "o.pt", "--to", "openai")
         _refused(code, text, "writing failed")
         assert os.listdir(small) == []
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(small)])
 
 
 def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):

@@ -3,7 +3,6 @@ dropped as the conversion goes, and tensors written unchanged are copied file to
 kernel (copy_file_range), with plain writes as the fallback. Each path gives the same bytes."""
 import errno
 import os
-import subprocess
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 from tests.helpers.fixtures import distinct_canonical, read_all, write_layout
 from sdconv.cli import main
 from sdconv.converters import sources, writers
+from tests.helpers.checks import tiny_disk
 from sdconv.converters.pickles import PickleSource
 from sdconv.converters.sources import SafetensorsSource
 from sdconv.converters.writers import write_safetensors
@@ -118,22 +118,16 @@ def test_full_disk_is_exit_6_and_leaves_nothing(sd1, tmp_path, monkeypatch, copy
     ENOSPC): a one-line error, exit 6, no output, no temporary."""
     monkeypatch.setitem(writers.COPY_FILE_RANGE, "works", copy)
     small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
-                             capture_output=True).returncode == 0
-    if not mounted:
-        def full(*a, **k):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr(os, "copy_file_range", full)
-        monkeypatch.setattr(writers, "tensor_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
-    try:
+    with tiny_disk(small) as mounted:
+        if not mounted:
+            def full(*a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(os, "copy_file_range", full)
+            monkeypatch.setattr(writers, "tensor_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
         r = CliRunner().invoke(main, ["convert", str(sd1), "-o", str(small / "o.safetensors"), "--to", "hf"])
         assert r.exit_code == 6, r.output
         assert "writing failed" in r.output and "No space left" in r.output and len(r.output.strip().splitlines()) == 1
         assert os.listdir(small) == []
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(small)])
 
 
 def _rss_file_kib():
