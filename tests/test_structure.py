@@ -101,20 +101,23 @@ def test_the_public_api_imports_without_torch():
     code = ("import sys\n"
             "from sdconv import convert, make_plans, make_plan, inspect, verify, write_back, sample, Registry, "
             "ConvertOptions, Plan, Result, SdconvError\n"
-            "import sdconv.inspection, sdconv.verification, sdconv.samples\n"
-            "from sdconv import inspect, verify, sample\n"
+            "import sdconv.inspection, sdconv.verification, sdconv.samples, sdconv.tokenizer\n"
+            "from sdconv import inspect, verify, sample, tokenize, Tokenizer\n"
             "assert callable(inspect) and callable(verify) and callable(sample), (inspect, verify, sample)\n"
-            "print('torch' in sys.modules)\n")
+            "assert callable(tokenize) and callable(Tokenizer)\n"
+            "print(sorted(m for m in ('torch', 'ftfy', 'regex') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    # importing the API's modules does not import torch either: tensors are made on first use
-    assert r.stdout.strip() == "False"
+    # importing the API's modules does not import torch either: tensors are made on first use;
+    # nor the tokenizer's ftfy and regex, imported when a tokenizer is made
+    assert r.stdout.strip() == "[]"
 
 
 def test_help_does_not_import_torch():
     code = ("import sys\nfrom sdconv.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "assert 'ftfy' not in sys.modules and 'regex' not in sys.modules, 'the tokenizer was imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

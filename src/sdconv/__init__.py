@@ -28,6 +28,8 @@ _LAZY = {
     "verify": "sdconv.verification",
     "write_back": "sdconv.writeback",
     "sample": "sdconv.samples",
+    "tokenize": "sdconv.tokenizer",
+    "Tokenizer": "sdconv.tokenizer",
 }
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from .inspection import inspect
     from .options import ConvertOptions
     from .samples import sample
+    from .tokenizer import Tokenizer, tokenize
     from .verification import verify
     from .writeback import write_back
 

@@ -1,7 +1,8 @@
 """`sdconv verify A B`: are two text encoders the same model?
 
 Both are read from any layout and container, run through one reference forward pass
-(forward.py, plain torch, fp32) on fixed probe sequences (and prompts, given a tokenizer), and
+(clip_forward.py, plain torch, fp32) on fixed probe sequences (and prompts, tokenized by the
+built-in CLIP tokenizer or a transformers tokenizer folder), and
 compared output by output. The weights are compared too, which is what explains the outputs:
 identical; equal up to a dtype's rounding (why a cosine is 0.99994 and not 1); or different,
 with the relative drift of each block so a fine-tuned layer stands out.
@@ -104,7 +105,8 @@ def _stats(x, y) -> dict:
 def verify(a_path, b_path, *, encoder=None, from_a=None, from_b=None, params_a=None, params_b=None,
            prompts=None, tokenizer=None, atol: float = 1e-5, registry: Registry = DEFAULT) -> dict:
     """Are the text encoders in `a_path` and `b_path` the same model? Both run through the built-in
-    CLIP forward pass (fp32) on fixed probes (and `prompts`, with a `tokenizer` folder); the
+    CLIP forward pass (fp32) on fixed probes (and `prompts`: the built-in CLIP tokenizer's ids,
+    or a transformers `tokenizer` folder's); the
     report (a dict, as `sdconv verify --json` prints it) has each side, the weights compared,
     per-probe cosine and max-abs of each output, a `verdict` and an `exit_code` (0: the same)."""
     try:
@@ -127,8 +129,9 @@ def _verify(a_path, b_path, encoder, from_a, from_b, params_a, params_b, prompts
     ctx, vocab = a.canon["pos_embd.weight"].shape[0], a.canon["tok_embd.weight"].shape[0]
     sets = [("probe", [r[0] for r in PROBE_ROWS], probe_ids(ctx, vocab))]
     if prompts:
-        ids = _tokenize(prompts, tokenizer, ctx)
+        ids = _tokenize(prompts, tokenizer, ctx, vocab)
         sets.append(("prompt", prompts, ids))
+        report["tokenizer"] = str(tokenizer) if tokenizer is not None else "built-in"
     fa, fb = as_float32(a.canon), as_float32(b.canon)
     rows, worst = [], 0.0
     for kind, names, ids in sets:
@@ -166,15 +169,21 @@ def _describe(s: Side) -> dict:
             "tensors": len(s.canon), "synthetic": s.synthetic}
 
 
-def _tokenize(prompts, tokenizer, context):
-    """Prompts to ids with a transformers CLIPTokenizer folder (optional dependency)."""
+def _tokenize(prompts, tokenizer, context, vocab):
+    """Prompts to ids: the built-in CLIP tokenizer (OpenAI clip's ids, padded with 0), or a
+    transformers CLIPTokenizer folder (optional dependency) when `tokenizer` names one."""
     if tokenizer is None:
-        raise UsageError("--prompts needs --tokenizer PATH (a CLIP tokenizer folder: vocab.json + merges.txt)")
+        from .tokenizer import VOCAB_SIZE, tokenize
+        if vocab != VOCAB_SIZE:
+            raise UsageError(f"the built-in CLIP tokenizer gives ids of a {VOCAB_SIZE}-token vocabulary; "
+                             f"these encoders have {vocab} tokens",
+                             "give --tokenizer PATH (a CLIP tokenizer folder for this vocabulary)")
+        return tokenize(list(prompts), context, pad="zero", truncate=True)
     try:
         from transformers import CLIPTokenizer
     except ImportError:
-        raise UsageError("--prompts needs the transformers package for its CLIP tokenizer",
-                         "pip install transformers, or run verify without --prompts (the probes still run)")
+        raise UsageError("--tokenizer needs the transformers package for its CLIP tokenizer",
+                         "pip install transformers, or leave --tokenizer out: the built-in CLIP tokenizer is used")
     import torch
     tok = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=context)
     ids = tok(list(prompts), padding="max_length", truncation=True, max_length=context, return_tensors="pt").input_ids

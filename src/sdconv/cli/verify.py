@@ -18,9 +18,11 @@ from .app import EXIT_CODES, main, parse_params, registry
 @click.option("--param-a", multiple=True, metavar="NAME=VALUE", help="heads=N / act=... / encoder=... for A.")
 @click.option("--param-b", multiple=True, metavar="NAME=VALUE", help="heads=N / act=... / encoder=... for B.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A text file, one prompt a line, to run besides the built-in probes (needs --tokenizer).")
+              help="A text file, one prompt a line, to run besides the built-in probes "
+                   "(tokenized by the built-in CLIP tokenizer, or --tokenizer).")
 @click.option("--tokenizer", type=click.Path(exists=True), default=None,
-              help="A CLIP tokenizer folder (vocab.json + merges.txt); needs the transformers package.")
+              help="Tokenize --prompts with this transformers CLIP tokenizer folder (vocab.json + "
+                   "merges.txt) instead of the built-in one; needs the transformers package.")
 @click.option("--atol", type=float, default=1e-5, show_default=True,
               help="Largest output difference accepted when the weights differ.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
@@ -40,6 +42,7 @@ def verify(a, b, encoder, from_a, from_b, param_a, param_b, prompts, tokenizer, 
       sdconv verify clip-l.safetensors ViT-L-14.pt
       sdconv verify sd15.safetensors sd15-finetuned.safetensors --json
       sdconv verify xl.safetensors xl-merge.safetensors --encoder clip_g
+      sdconv verify clip-l.safetensors ViT-L-14.pt --prompts prompts.txt
     """
     from ..verification import verify as run
 
