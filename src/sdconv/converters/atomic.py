@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputError
+from .untrusted import file_kind
 
 
 def _ordinary_permissions(path: Path):
@@ -110,7 +111,7 @@ def refuse_special(path: Path) -> None:
     except OSError:
         return
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise OutputError(f"{path} is not a regular file or folder (a device, FIFO or socket)",
+        raise OutputError(f"{path} is {file_kind(mode)}, not a regular file or folder",
                           "sdconv never replaces one; choose another output path")
 
 
