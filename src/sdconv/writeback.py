@@ -77,10 +77,18 @@ def plan_write_back(input, checkpoint, output, options: ConvertOptions | None = 
                               f"{', '.join(present) or 'none'})", "choose --encoder, or another checkpoint")
         old_arch = infer_arch(plan.target.family, old.shapes, old.layers)
         new_arch = {**e.arch_out}
-        diff = [f"{k} {old_arch.get(k)} -> {new_arch.get(k)}" for k in ARCH_KEYS if old_arch.get(k) != new_arch.get(k)]
+        diff = [f"{k} {old_arch.get(k)} -> {new_arch.get(k)}" for k in ARCH_KEYS
+                if old_arch.get(k) != new_arch.get(k) and k != "context"]
         if diff:
             raise UsageError(f"{e.identity} does not fit the {e.slot.name} in {checkpoint}: {'; '.join(diff)}",
                              "write back an encoder of the same architecture")
+        if old_arch.get("context") != new_arch.get("context") and not o.force:
+            # a long-context encoder (Long-CLIP: 248 positions) in a checkpoint whose loaders build
+            # the encoder from the checkpoint's own family assume its context (77)
+            raise UsageError(f"{e.identity} has {new_arch.get('context')} positions, the {e.slot.name} in {checkpoint} "
+                             f"{old_arch.get('context')}: loaders of this checkpoint build a "
+                             f"{old_arch.get('context')}-position encoder and fail to load, or cut, the longer one",
+                             "pass --force to write it anyway (for loaders that read the context from the weights)")
         # where this checkpoint keeps the slot (a refiner's bigG is at embedders.0.model.)
         slot = dataclasses.replace(e.slot, prefix=old.prefix)
         ops, buffers, _, _ = plan_write(plan.target, slot, e.read.shapes, e.read.layers, str(input), e.absent_last)
