@@ -221,3 +221,12 @@ def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     code, text = _run("convert", src, "-o", out, "--to", "openai")
     assert code == 0, text
     assert not stale[0].exists() and out.is_file() and not _leftovers(tmp_path)
+
+
+def test_a_fifo_as_report_is_refused_without_being_opened(models, tmp_path):
+    fifo = tmp_path / "report.jsonl"
+    os.mkfifo(fifo)
+    code, text = _run("convert", models / "sd.safetensors", models / "other.safetensors", "-o",
+                      str(tmp_path / "out") + "/", "--to", "hf", "--report", fifo)
+    _refused(code, text, "FIFO")
+    assert not (tmp_path / "out").exists()

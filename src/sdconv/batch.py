@@ -193,10 +193,10 @@ class ReportFile:
 
     def __init__(self, path, inputs: list[Path], force: bool):
         path = Path(path)
+        self._guard = AtomicOutput(path, False, True, protect=inputs)   # never an input, a FIFO or a device
         if path.exists() and not force and not _is_report(path):
             raise OutputError(f"{path} exists and is not an sdconv report", "pass --force to replace it, or name "
                                                                            "another --report file")
-        self._guard = AtomicOutput(path, False, True, protect=inputs)
         self._file = open(self._guard.__enter__(), "w", encoding="utf-8")
 
     def write(self, rec: "Record"):
@@ -212,11 +212,11 @@ class ReportFile:
 def _is_report(path: Path) -> bool:
     """An earlier report (or an empty file): each line a JSON record of an input."""
     try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline(1 << 16)
+        text = untrusted.read_file(path, 64 << 20)     # reports are ~1 KB an input; a checkpoint is not one
+        first = text.split(b"\n", 1)[0]
         if not first.strip():
-            return path.stat().st_size == 0
-        rec = json.loads(first)
-    except (OSError, ValueError):
+            return not text
+        rec = untrusted.parse_json(first, str(path))
+    except (OSError, MalformedInputError):
         return False
-    return isinstance(rec, dict) and {"input", "status"} <= set(rec)
+    return rec.is_object() and {"input", "status"} <= set(rec.raw)

@@ -66,7 +66,6 @@ class MalformedInputError(InputError):
     """Text an input (or sdconv's own record) holds is not what it must be: a field of the wrong
     type or out of range, JSON too large or too deep. The message names the file and the field;
     `detail` says what is wrong without them."""
-    exit_code = 3
 
     def __init__(self, message: str, hint: str | None = None, *, detail: str | None = None):
         super().__init__(message, hint)
