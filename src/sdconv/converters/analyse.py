@@ -101,10 +101,10 @@ def carried_placeholders(source: Source, f: Found, allow_synthetic: bool) -> lis
     rest (an identity or all-ones projection, a copied block) is written as it is; each is said,
     on the terminal and in the ledger. Returns what is carried into the output."""
     carried = []
-    for part, text in suspects(source, f.read):
+    for part, look, text in suspects(source, f.read):
         if part in f.grafts or (part in f.read.dtypes and part not in f.read.shapes):
             continue                # taken from a reference, or not written at all
-        if UNINITIALISED in text and part in f.read.shapes and not allow_synthetic:
+        if look == UNINITIALISED and part in f.read.shapes and not allow_synthetic:
             f.read.drop(part, source)
             f.arch = infer_arch(f.read.layout.family, f.read.shapes, f.read.layers)
             f.warnings.append(f"{text}; not written (--allow-synthetic writes it)")

@@ -9,6 +9,7 @@ checks load every tensor. Shared by inspect, projection grafts and verify.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from . import dtypes
 from .plan import ReadPlan
@@ -52,7 +53,7 @@ def matrix_look(raw: bytes, shape: tuple, dtype: str) -> str:
     if raw == zero * n:
         return "zeros"
     if _uninitialised(raw, dtype):
-        return "uninitialised"
+        return UNINITIALISED
     if len(shape) == 2 and shape[0] == shape[1]:
         rows, cols = shape
         ident = bytearray(zero * n)
@@ -159,32 +160,40 @@ def duplicate_blocks(source, rp: ReadPlan) -> list[int]:
     return dups
 
 
-PLACEHOLDER_LOOKS = ("identity", "all_ones", "zeros", "uninitialised")
-UNINITIALISED = "uninitialised memory"
+UNINITIALISED = "uninitialised"        # the look of memory that was never written: not a weight at all
+PLACEHOLDER_LOOKS = ("identity", "all_ones", "zeros", UNINITIALISED)
+UNTRAINED_SCALE, COPIED_BLOCK = "untrained_scale", "copied_block"
 
 
-def suspects(source, rp: ReadPlan) -> list[tuple[str, str]]:
-    """(canonical name or block, sentence) for each part of this encoder that looks fabricated."""
+class Suspect(NamedTuple):
+    part: str                   # the canonical name, or "block N"
+    look: str                   # one of PLACEHOLDER_LOOKS, UNTRAINED_SCALE, COPIED_BLOCK
+    text: str                   # the sentence that names it
+
+
+def suspects(source, rp: ReadPlan) -> list[Suspect]:
+    """Each part of this encoder that looks fabricated."""
     out = []
     proj = projection_look(source, rp)
     if proj is not None and proj[1] in PLACEHOLDER_LOOKS:
-        what = UNINITIALISED if proj[1] == "uninitialised" else proj[1].replace("_", " ")
-        out.append(("text_proj.weight", f"{proj[0]} is {what}: a placeholder, not a trained projection"))
+        what = "uninitialised memory" if proj[1] == UNINITIALISED else proj[1].replace("_", " ")
+        out.append(Suspect("text_proj.weight", proj[1], f"{proj[0]} is {what}: a placeholder, not a trained projection"))
     fam = rp.layout.family
     spec = fam.spec("logit_scale")
     value = scalar(source, rp, "logit_scale")
     if value is not None and spec is not None and spec.sample is not None and abs(value - spec.sample) > 0.05:
-        out.append(("logit_scale", f"logit_scale is {value:.4f}, far from a trained CLIP's {spec.sample} (ln 100); "
-                                   f"2.6593 = ln(1/0.07) is CLIP's untrained initial value"))
+        out.append(Suspect("logit_scale", UNTRAINED_SCALE,
+                           f"logit_scale is {value:.4f}, far from a trained CLIP's {spec.sample} (ln 100); "
+                           f"2.6593 = ln(1/0.07) is CLIP's untrained initial value"))
     for i in duplicate_blocks(source, rp):
-        out.append((f"block {i}", f"block {i} repeats block {i - 1} (its norms and biases are byte-identical): "
-                                  f"padding?"))
+        out.append(Suspect(f"block {i}", COPIED_BLOCK,
+                           f"block {i} repeats block {i - 1} (its norms and biases are byte-identical): padding?"))
     return out
 
 
 def findings(source, rp: ReadPlan, deep: bool = False) -> list[str]:
     """What looks fabricated in this encoder, each in a sentence naming the tensor."""
-    out = [text for _, text in suspects(source, rp)]
+    out = [s.text for s in suspects(source, rp)]
     if deep:
         import torch
         for op in rp.ops:
