@@ -145,9 +145,9 @@ def _buffer_health(source: Source, f: Found) -> dict:
     return out
 
 
-def apply_repairs(found: list[Found], fix_position_ids: bool, strict: bool):
+def apply_repairs(found: list[Found], fix_position_ids: bool):
     """Drifted position_ids: a warning, or a recorded repair with --fix-position-ids. Corrupt
-    ones: refused without it. --strict turns every warning into an error."""
+    ones: refused without it."""
     for f in found:
         for name, h in f.health.items():
             bad = h.get("bad_indices", [])
@@ -165,8 +165,6 @@ def apply_repairs(found: list[Found], fix_position_ids: bool, strict: bool):
                                      "pass --fix-position-ids to write a correct int64 arange (recorded)")
                 f.repairs.append(f"{name}: corrupt {where}; rewritten as an int64 arange")
         f.repairs += [f"{k}: {why}" for k, why in sorted(f.read.repairs.items())]
-        if strict and f.warnings:
-            raise InputError(f"--strict: {f.warnings[0]}", "fix the input, or run without --strict")
 
 
 def _input_params(source: Source, rp: ReadPlan, arch: dict):

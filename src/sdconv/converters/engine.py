@@ -40,7 +40,7 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
     if target.family.name != family.name:
         raise UsageError(f"{o.to} holds a {target.family.name} model, the input a {family.name} one")
     found = _select(analyse(source, reads, given), o.encoder, source.path)
-    apply_repairs(found, o.fix_position_ids, o.strict)
+    apply_repairs(found, o.fix_position_ids)
     with_vision, projection = o.with_vision, o.projection
     if with_vision is not None and len(found) != 1:
         raise UsageError("--with-vision assembles one CLIP: choose one encoder with --encoder NAME")
@@ -53,7 +53,7 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
         if carried and projection is not None and not o.allow_synthetic:
             raise InputError(f"{source.path}: {carried[0]}", "an output meant for scoring (--projection, "
                              "--with-vision) refuses placeholders; pass --allow-synthetic to write it anyway")
-        if o.strict and f.warnings:
+        if o.strict and f.warnings:             # --strict: every warning, of any step, is an error
             raise InputError(f"--strict: {f.warnings[0]}", "fix the input, or run without --strict")
     vision = None
     if with_vision is not None:
