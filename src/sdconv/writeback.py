@@ -17,7 +17,7 @@ from .converters.atomic import AtomicOutput, refuse_overlap
 from .converters.conversion import Plan
 from .converters.detect import read_layout
 from .converters.engine import make_plans
-from .converters.execute import SourceReader, stream
+from .converters.execute import stream
 from .converters.folders import open_source
 from .converters.hashing import sha256_of
 from .converters.leases import Snapshot
@@ -93,7 +93,7 @@ def plan_write_back(input, checkpoint, output, options: ConvertOptions | None = 
         slot = dataclasses.replace(e.slot, prefix=old.prefix)
         ops, buffers, _, _ = plan_write(plan.target, slot, e.read.shapes, e.read.layers, str(input), e.absent_last)
         removed |= set(old.keys)
-        streams.append(stream(SourceReader(plan.source, e.read, {c: (g.source, g.op) for c, g in e.grafts.items()}),
+        streams.append(stream(e.reader(plan.source),
                               ops, buffers, e.arch))
         records[e.slot.name] = {"from": Path(plan.source.path).name, "prefix": old.prefix,
                                 "removed": len(old.keys), "written": len(ops) + len(buffers)}

@@ -112,6 +112,8 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
     if into:
         from ..writeback import write_back
         plan, records = write_back(input, into, output, options, registry=reg)
+        for w in plan.warnings:
+            click.echo(render.warning(w), err=True)
         if not quiet:
             for line in render.describe_write_back(into, output, records):
                 click.echo(line)

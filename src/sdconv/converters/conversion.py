@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import dtypes
 from .arch import infer_arch
+from .execute import SourceReader
 from .plan import BufferOp, ReadOp, ReadPlan, WriteOp
 from .registry import ResolvedLayout
 from .schema import Slot
@@ -58,6 +59,10 @@ class EncoderPlan:
     grafts: dict = field(default_factory=dict)      # canonical -> Graft
     warnings: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
+
+    def reader(self, source: Source) -> SourceReader:
+        """Where this encoder's canonical tensors are read: `source`, and the grafts' references."""
+        return SourceReader(source, self.read, {c: (g.source, g.op) for c, g in self.grafts.items()})
 
     def source_op(self, canonical: str):
         """(the reference's Source, or None for the input; the ReadOp) a canonical tensor comes from."""

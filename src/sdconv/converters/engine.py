@@ -177,7 +177,7 @@ def _write_plan(p: Plan, guard: AtomicOutput, sha, progress, unchanged: Snapshot
     side = provenance.sidecar_path(p)
     meta = provenance.metadata(p, sha)
     with guard as tmp:
-        per_encoder = [stream(SourceReader(p.source, e.read, {c: (g.source, g.op) for c, g in e.grafts.items()}),
+        per_encoder = [stream(e.reader(p.source),
                               e.ops, e.buffers, e.arch, p.dtype, progress.update if progress is not None else None)
                        for e in p.encoders]
         if p.vision is not None:

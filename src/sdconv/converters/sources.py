@@ -100,7 +100,7 @@ class Source:
             os.close(self._fd)
 
 
-def header_entry(key, v) -> tuple:
+def _header_entry(key, v) -> tuple:
     """(TensorInfo, (start, end)) of one header entry, or ValueError saying what is wrong."""
     if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= set(v):
         raise ValueError(f"{key!r} lacks dtype, shape or data_offsets")
@@ -118,7 +118,7 @@ def header_entry(key, v) -> tuple:
     return info, tuple(offsets)
 
 
-def check_extents(path, offsets: dict, data_size: int):
+def _check_extents(path, offsets: dict, data_size: int):
     """Every tensor inside the file, none overlapping another."""
     end_seen, last = 0, None
     for key, (start, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
@@ -153,7 +153,7 @@ class SafetensorsSource(Source):
             self._info, self._offsets = {}, {}
             for k, v in header.raw.items():
                 if k != "__metadata__":
-                    self._info[k], self._offsets[k] = header_entry(k, v)
+                    self._info[k], self._offsets[k] = _header_entry(k, v)
         except MalformedInputError as e:
             raise InputError(f"{path}: not a safetensors file (invalid header: {e.detail})",
                              "the file is damaged or is not a checkpoint")
@@ -162,7 +162,7 @@ class SafetensorsSource(Source):
                              "the file is damaged or is not a checkpoint")
         self._data_start = 8 + n
         self._map, self._view, self._handed_out = None, None, 0
-        check_extents(path, self._offsets, size - self._data_start)
+        _check_extents(path, self._offsets, size - self._data_start)
 
     def keys(self):
         return list(self._info)
