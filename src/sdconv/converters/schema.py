@@ -12,12 +12,12 @@ yaml=...)` (see schema_rows.py). Rules that tie fields together follow each pars
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MappingError
-from .configs import ACTIVATIONS, CLIP_FORMATS, SLOT_FORMATS
+from . import schema_values as values
+from .schema_values import LAYER
 from .schema_rows import (At, Parsed, as_dict, check_fields, flag, guarded, listed, mapping, named, number, obj, one_of,
                           parse_object, row, rows, string_set, strings, text, then, whole)
 from .sources import PICKLE_EXT, SAFETENSORS_EXT
@@ -25,91 +25,7 @@ from .transforms import SYNTHESIZERS, TRANSFORMS
 from .yamlload import load_yaml
 
 SCHEMA_VERSION = 1
-LAYER = "<layer>"
-_PLACEHOLDER = re.compile(r"<[^>]*>|\{[^}]*\}")
 OUTPUTS = ("file", "folder")
-
-
-# ---------------------------------------------------------------- checks
-
-def _template(s: str, at: At, what: str) -> str:
-    for m in _PLACEHOLDER.findall(s):
-        if m != LAYER:
-            raise at.error(f"bad template {s!r} in {what}: unknown placeholder {m}", "the only placeholder is <layer>")
-    if s.count(LAYER) > 1:
-        raise at.error(f"bad template {s!r} in {what}: <layer> appears twice")
-    return s
-
-
-def _key(v, at: At) -> str:
-    return _template(text(v, at), at, "key")
-
-
-def _canonicals(v, at: At) -> tuple[str, ...]:
-    names = [v] if isinstance(v, str) else strings(v, at)
-    return tuple(_template(c, at, "canonical name") for c in names)
-
-
-def _shape(v, at: At) -> tuple:
-    if not isinstance(v, list) or not all(isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)
-                                                                   and x >= 1) for x in v):
-        raise at.error(f"{at.what}: a shape is a list of symbols or sizes of at least 1, found {v!r}")
-    return tuple(v)
-
-
-def _sizes(v, at: At) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-        raise at.error(f"{at.what}: a shape here is a list of sizes (whole numbers), found {v!r}")
-    return tuple(v)
-
-
-def _plain(name: str) -> bool:
-    return name not in ("", ".", "..") and not any(c in name for c in "/\\")
-
-
-def _file(*suffixes: str):
-    """A file that sdconv writes in an output folder and reads back: a plain name (with the
-    suffix its format is read by)."""
-    def check(v, at: At) -> str:
-        if not _plain(text(v, at)) or (suffixes and not v.endswith(suffixes)):
-            raise at.error(f"{at.what} must be a file name" + (f" ending in {' or '.join(suffixes)}" if suffixes else "")
-                           + f", found {v!r}", "a plain name: the file sits beside the weights, in the output folder")
-        return v
-    return check
-
-
-def _prefix(v, at: At) -> str:
-    if "/" in text(v, at) and not _plain(v.rsplit("/", 1)[0]):
-        raise at.error(f"{at.what} {v!r}: only one plain folder name may come before '/'",
-                       "sdconv writes and reads a folder's weights at its root or one folder down")
-    return v
-
-
-def _file_name(v, at: At) -> str:
-    """The `name` of a mapping file: a plain word, and the file's own name."""
-    name = text(v, at)
-    if not re.fullmatch(r"[a-z][a-z0-9_\-]*", name):
-        raise at.error(f"bad name {name!r}", "use lower-case letters, digits, _ and -")
-    stem = Path(at.path).stem
-    if stem != name:
-        raise at.error(f"name {name!r} differs from the file name {stem!r}")
-    return name
-
-
-def _equals(want, message: str, hint: str | None = None):
-    def check(v, at: At):
-        if v != want:
-            raise at.error(message.format(v), hint)
-    return check
-
-
-_transform = one_of(TRANSFORMS, "transform")
-_act = one_of(ACTIVATIONS, "activation")
-
-
-_SLOT, _CLIP = "an encoder slot", "a whole CLIP (vision: config)"
-_slot_format = one_of(SLOT_FORMATS, "config format", here=_SLOT, elsewhere=CLIP_FORMATS, there=_CLIP)
-_clip_format = one_of(CLIP_FORMATS, "config format", here=_CLIP, elsewhere=SLOT_FORMATS, there=_SLOT)
 
 
 # ---------------------------------------------------------------- family
@@ -117,7 +33,7 @@ _clip_format = one_of(CLIP_FORMATS, "config format", here=_CLIP, elsewhere=SLOT_
 @dataclass(frozen=True)
 class TensorSpec(Parsed):
     name: str                   # canonical template, may hold <layer>
-    shape: tuple = row(_shape)  # symbols (str) or ints
+    shape: tuple = row(values.shape)  # symbols (str) or ints
     optional: bool = row(flag, default=False)
     sample: float | None = row(number, default=None)    # fixed value for synthetic samples (else random)
 
@@ -125,7 +41,7 @@ class TensorSpec(Parsed):
 @dataclass(frozen=True)
 class BufferSpec(Parsed):
     name: str
-    shape: tuple = row(_shape)
+    shape: tuple = row(values.shape)
     dtype: str = row(text)
     synthesize: str = row(one_of(SYNTHESIZERS, "synthesizer"))
 
@@ -143,12 +59,12 @@ class Kind(Parsed):
 
 @dataclass(frozen=True)
 class Family(Parsed):
-    name: str = row(_file_name)
+    name: str = row(values.file_name)
     description: str = row(text)
-    tensors: tuple[TensorSpec, ...] = row(named(TensorSpec, "tensor {}", key=lambda k, at: _template(text(k, at), at, "tensors"),
+    tensors: tuple[TensorSpec, ...] = row(named(TensorSpec, "tensor {}", key=lambda k, at: values.template(text(k, at), at, "tensors"),
                                                 shorthand=(list, "shape"), into=tuple))
     head_width: int = row(whole(1), yaml="params.heads.head_width")
-    act_choices: tuple[str, ...] = row(listed(_act), yaml="params.act.choices")
+    act_choices: tuple[str, ...] = row(listed(values.activation), yaml="params.act.choices")
     act_default: str = row(text, yaml="params.act.default")
     path: Path
     buffers: dict = row(named(BufferSpec, "buffer {}"), default={})
@@ -167,17 +83,17 @@ class Family(Parsed):
 
 @dataclass(frozen=True)
 class Entry:
-    canonical: tuple[str, ...] = row(_canonicals)   # canonical templates produced on read (1, or 3 for split_qkv)
-    key: str = row(_key)                            # key template relative to the slot prefix
-    transform: str = row(_transform, default="rename")
+    canonical: tuple[str, ...] = row(values.canonicals)   # canonical templates produced on read (1, or 3 for split_qkv)
+    key: str = row(values.key_template)                            # key template relative to the slot prefix
+    transform: str = row(values.transform, default="rename")
     line: int = 0
 
 
 @dataclass(frozen=True)
 class Naming(Parsed):
-    name: str = row(_file_name)
+    name: str = row(values.file_name)
     description: str = row(text)
-    tensors: tuple[Entry, ...] = row(named(Entry, "tensor {}", key=lambda k, at: _template(text(k, at), at, "canonical name"),
+    tensors: tuple[Entry, ...] = row(named(Entry, "tensor {}", key=lambda k, at: values.template(text(k, at), at, "canonical name"),
                                            shorthand=(str, "key"), into=tuple, given=lambda k: {"canonical": (k,)}))
     path: Path
     groups: tuple[Entry, ...] = row(listed(obj(Entry, "group", require=("transform",))), default=())
@@ -200,21 +116,21 @@ class Alias(Parsed):
 
 @dataclass(frozen=True)
 class ConfigSpec(Parsed):
-    file: str = row(_file())                # in the slot's folder
-    format: str = row(_slot_format)
+    file: str = row(values.file_in_folder())                # in the slot's folder
+    format: str = row(values.slot_format)
 
 
 @dataclass(frozen=True)
 class VisionConfig(ConfigSpec):
     """A whole CLIP's config: the same fields, the formats that serve a whole CLIP."""
-    format: str = row(_clip_format)
+    format: str = row(values.clip_format)
 
 
 @dataclass(frozen=True)
 class Weights:
     """A folder output's weights file, per format."""
-    safetensors: str | None = row(_file(*SAFETENSORS_EXT), default=None)
-    pt: str | None = row(_file(*PICKLE_EXT), default=None)
+    safetensors: str | None = row(values.file_in_folder(*SAFETENSORS_EXT), default=None)
+    pt: str | None = row(values.file_in_folder(*PICKLE_EXT), default=None)
 
 
 @dataclass(frozen=True)
@@ -222,20 +138,20 @@ class Params:
     """What a layout may say of an encoder that its weights cannot: the defaults that
     plan.resolve_params reads (act is held to the family's choices when the layout is resolved)."""
     heads: int | None = row(whole(1), default=None)
-    act: str | None = row(_act, default=None)
+    act: str | None = row(values.activation, default=None)
 
 
 @dataclass(frozen=True)
 class Slot(Parsed):
     name: str                               # a kind (clip_l, clip_h, clip_g) or a generic name such as clip
-    prefix: str = row(_prefix)              # where the slot is written, and read
+    prefix: str = row(values.prefix)              # where the slot is written, and read
     naming: str = row(text)
     aliases: tuple[Alias, ...] = row(listed(obj(Alias, "alias")), default=())
     omit: frozenset = row(string_set, default=frozenset())
     buffers: frozenset = row(string_set, default=frozenset())
     params: dict = row(then(obj(Params), as_dict), default={})
     config: ConfigSpec | None = row(obj(ConfigSpec, "config"), default=None)
-    read_prefixes: tuple[str, ...] = row(listed(_prefix), default=())   # other places the slot is found in files (read only)
+    read_prefixes: tuple[str, ...] = row(listed(values.prefix), default=())   # other places the slot is found in files (read only)
     ignore: tuple[str, ...] = row(strings, default=())          # stray keys under the prefix, skipped with a note
     alternates: tuple[Entry, ...] = row(listed(obj(Entry, "alternate", require=("transform",))), default=())
     drop_last_layers: int = row(whole(0), default=0)            # the layout stores this many fewer blocks ...
@@ -268,7 +184,7 @@ def _encoders(v, at: At) -> dict:
 
 @dataclass(frozen=True)
 class Layout(Parsed):
-    name: str = row(_file_name)
+    name: str = row(values.file_name)
     family: str = row(text)
     description: str = row(text)
     output: str = row(one_of(OUTPUTS))      # "file" or "folder"
@@ -277,7 +193,7 @@ class Layout(Parsed):
     folder_weights: dict = row(then(obj(Weights, "folder_weights"), as_dict), default={})
     ignore: tuple[str, ...] = row(strings, default=())
     priority: int = row(whole(None), default=0, yaml="detect.priority")
-    sample_extra: dict = row(mapping(_sizes), default={}, yaml="sample.extra")
+    sample_extra: dict = row(mapping(values.sizes), default={}, yaml="sample.extra")
     components: dict = row(mapping(strings), default={})    # other parts of a checkpoint, for inspect: name -> key prefixes
     vision: VisionSpec | None = row(obj(VisionSpec, "vision"), default=None)
     overrides: bool = row(flag, default=False)              # a user layout that replaces the built-in of the same name
@@ -287,8 +203,8 @@ class Layout(Parsed):
 
 def _parse_file(cls, path, kind: str):
     d = load_yaml(path)
-    header = {"schema": _equals(SCHEMA_VERSION, "unsupported schema {!r}", f"this sdconv reads schema {SCHEMA_VERSION}"),
-              "kind": _equals(kind, f"expected kind {kind!r}, found {{!r}}")}
+    header = {"schema": values.equals(SCHEMA_VERSION, "unsupported schema {!r}", f"this sdconv reads schema {SCHEMA_VERSION}"),
+              "kind": values.equals(kind, f"expected kind {kind!r}, found {{!r}}")}
     return parse_object(cls, d, At(path, d.line, kind), header=header, path=Path(path)), d
 
 
