@@ -162,7 +162,8 @@ def test_existing_folder_output_replaced_with_force(sd1, tmp_path):
     (out / "stale.txt").write_text("old")
     assert run("convert", sd1, "-o", out, "--to", "hf")[0] == 6
     assert run("convert", sd1, "-o", out, "--to", "hf", "--force")[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sdconv.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "model.safetensors", "sdconv.json",
+                                                   "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
     assert not _leftovers(tmp_path)
 
 

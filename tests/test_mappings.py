@@ -268,7 +268,7 @@ def test_an_encoder_config_format_under_vision_is_refused(tmp_path):
     """hf_clip_text describes one text encoder: a whole CLIP's config (vision: config) cannot be one."""
     from sdconv.converters.configs import CLIP_FORMATS
     text = (BUILTIN_DIR / "hf.yaml").read_text().replace("name: hf", "name: mine") \
-        .replace("format: hf_clip}", "format: hf_clip_text}")
+        .replace("config: {file: config.json, format: hf_clip}", "config: {file: config.json, format: hf_clip_text}")
     _, path = _registry_with(tmp_path, "mine", text)
     line = max(i for i, ln in enumerate(text.splitlines(), 1) if "format: hf_clip_text" in ln)    # the vision one
     assert line > _line_of(text, "vision:")
@@ -313,7 +313,7 @@ UNSERVED = {
     "slot act the family lacks": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{act: gelu}",
                                   "encoder clip: activation 'gelu' is not one of ['quick_gelu']",
                                   {"family/clip_text.yaml": FAMILY.replace("choices: [quick_gelu, gelu]", "choices: [quick_gelu]")
-                                   .replace("act: gelu}", "act: quick_gelu}")}),
+                                   .replace("act: gelu}", "act: quick_gelu}").replace("act: gelu,", "act: quick_gelu,")}),
     "slot encoder param": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{encoder: clip_l}",
                            "unknown field 'encoder' in encoder clip params", {}),
     "slot heads 0": ("mine.yaml", _mine("openai"), "{act: quick_gelu}", "{heads: 0}", "heads must be a whole number", {}),
@@ -349,6 +349,26 @@ UNSERVED = {
                                 "only one plain folder name may come before '/'", {}),
     "prefix outside": ("mine.yaml", _mine("diffusers"), "prefix: text_encoder_2/", "prefix: ../text_encoder_2/",
                        "only one plain folder name may come before '/'", {}),
+    # tokenizer files and the image processor config go in a folder of the output, in a format sdconv writes
+    "tokenizer folder outside": ("mine.yaml", _mine("diffusers"), "tokenizer: {folder: tokenizer_2/,",
+                                 "tokenizer: {folder: ../tokenizer_2/,", "tokenizer folder '../tokenizer_2/' must be", {}),
+    "tokenizer folder without a slash": ("mine.yaml", _mine("diffusers"), "tokenizer: {folder: tokenizer_2/,",
+                                         "tokenizer: {folder: tokenizer_2,", "one plain folder name ending in '/'", {}),
+    "tokenizer format": ("mine.yaml", _mine("hf"), 'tokenizer: {folder: "", format: hf_clip}',
+                         'tokenizer: {folder: "", format: hf_clipp}', "did you mean 'hf_clip'?", {}),
+    "tokenizer in a file layout": ("mine.yaml", _mine("openai"), "    params: {act: quick_gelu}",
+                                   "    params: {act: quick_gelu}\n    tokenizer: {folder: tok/, format: hf_clip}",
+                                   "tokenizer files need output: folder", {}),
+    "processor file outside": ("mine.yaml", _mine("hf"), "processor: {file: preprocessor_config.json,",
+                               "processor: {file: ../preprocessor_config.json,", "vision processor file must be a file name", {}),
+    "processor format": ("mine.yaml", _mine("hf"), "format: hf_clip_image}", "format: hf_clip_img}",
+                         "unknown image processor format 'hf_clip_img' — did you mean 'hf_clip_image'?", {}),
+    "processor of a file output": ("mine.yaml", _mine("openai"), "  output: file", "  output: file\n  processor: "
+                                   "{file: preprocessor_config.json, format: hf_clip_image}",
+                                   "a processor config needs output: folder", {}),
+    "pad token not a string": ("family/clip_text.yaml", FAMILY, 'heads: 16, act: gelu, pad_token: "!"}',
+                               "heads: 16, act: gelu, pad_token: [1]}",
+                               "pad_token must be", {}),
     # families: the engine writes a buffer as its synthesizer makes it, computes two activations,
     # and `sdconv sample` needs every size, the layers, heads and act of a preset
     "buffer dtype": ("family/clip_text.yaml", FAMILY, "dtype: int64", "dtype: float32",
@@ -378,4 +398,4 @@ def test_a_value_the_engine_cannot_serve_is_refused(tmp_path, case):
         (maps / name).parent.mkdir(parents=True, exist_ok=True)
         (maps / name).write_text(content)
     path = maps / rel
-    _refused(*_cli("layouts", "check", path), f"{path}:{_line_of(text, new)}: ", says)
+    _refused(*_cli("layouts", "check", path), f"{path}:{_line_of(text, new.splitlines()[-1])}: ", says)

@@ -171,7 +171,7 @@ def test_sd2_to_diffusers_penultimate(tiny, sd2_diffusers, tmp_path):
     (e,) = plan.encoders
     assert e.identity == "clip_h" and e.params == {"heads": C.HEADS, "act": "gelu"}, (e.identity, e.params)
     te = out / "text_encoder"
-    assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder"]
+    assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder", "tokenizer"]
     cfg = _hf_config(te)
     assert cfg["num_hidden_layers"] == H_LAYERS - 1 and cfg["hidden_act"] == "gelu", cfg
     assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["eos_token_id"]) == (C.WIDTH, C.HEADS, 2)
@@ -222,7 +222,8 @@ def test_sdxl_base_all_to_diffusers(tiny, tmp_path):
     assert plan.read.layout.name == "sgm"
     assert [(e.identity, e.slot.name, e.params["act"]) for e in plan.encoders] == \
         [("clip_l", "clip_l", "quick_gelu"), ("clip_g", "clip_g", "gelu")]
-    assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder", "text_encoder_2"]
+    assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder", "text_encoder_2", "tokenizer",
+                                                   "tokenizer_2"]
     check_hf_folder(out / "text_encoder", L, False, "sdxl->diffusers text_encoder")
     check_hf_folder(out / "text_encoder_2", G, True, "sdxl->diffusers text_encoder_2")
 
@@ -272,7 +273,7 @@ def test_sdxl_refiner_detected_and_converted(tiny, tmp_path, target):
     assert e.identity == "clip_g" and e.params == {"heads": C.HEADS, "act": "gelu"}, (e.identity, e.params)
     assert any("clip_h" in n for n in plan.notes), plan.notes
     if target == "diffusers":
-        assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder_2"]
+        assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder_2", "tokenizer_2"]
         check_hf_folder(out / "text_encoder_2", G, True, "refiner->diffusers")
     else:
         check_oc_file(out, G, True, True, "refiner->open_clip", tiny["oc_names"])
@@ -285,7 +286,8 @@ def test_sd3_all_detected_and_converted(tiny, tmp_path):
     plan = res.plans[0]
     assert res.outputs == [out] and plan.read.layout.name == "sd3"
     assert [(e.identity, e.params["act"]) for e in plan.encoders] == [("clip_l", "quick_gelu"), ("clip_g", "gelu")]
-    assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder", "text_encoder_2"]
+    assert sorted(p.name for p in out.iterdir()) == ["sdconv.json", "text_encoder", "text_encoder_2", "tokenizer",
+                                                   "tokenizer_2"]
     # SD3's clip_l carries a projection here: diffusers' SD3 text_encoder is WithProjection too
     check_hf_folder(out / "text_encoder", L, True, "sd3->diffusers text_encoder")
     check_hf_folder(out / "text_encoder_2", G, True, "sd3->diffusers text_encoder_2")

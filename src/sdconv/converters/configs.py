@@ -78,9 +78,17 @@ def image_geometry(varch: dict) -> tuple[int, int]:
     return grid * varch["patch"], varch["patch"]
 
 
-def write_hf_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
+class VisionTower(NamedTuple):
+    """What a whole CLIP's config says of its vision side."""
+    arch: dict
+    params: dict                # heads, act
+    mean: tuple                 # how its images are normalised (the vision family's)
+    std: tuple
+
+
+def write_hf_clip(arch: dict, params: dict, dtype_code: str, vision: VisionTower) -> str:
     """transformers CLIPModel config: text and vision halves, one projection dim."""
-    varch, vparams = vision
+    varch, vparams = vision.arch, vision.params
     text = json.loads(write_hf_clip_text(arch, params, dtype_code))
     for k in ("architectures", "torch_dtype", "dtype"):
         text.pop(k, None)
@@ -97,10 +105,12 @@ def write_hf_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
     return json.dumps(cfg, indent=2) + "\n"
 
 
-def write_open_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
-    """open_clip_config.json for open_clip.create_model("local-dir:..."). One activation flag
-    serves both towers (the caller checks they agree)."""
-    varch, vparams = vision
+def write_open_clip(arch: dict, params: dict, dtype_code: str, vision: VisionTower) -> str:
+    """open_clip_config.json for open_clip.create_model_and_transforms("local-dir:...") and
+    get_tokenizer("local-dir:..."): the towers (the text context is the tokenizer's context
+    length; no hf_tokenizer_name: open_clip's own CLIP tokenizer), and how images are prepared.
+    One activation flag serves both towers (the caller checks they agree)."""
+    varch, vparams = vision.arch, vision.params
     image, patch = image_geometry(varch)
     cfg = {"model_cfg": {
         "embed_dim": arch["proj"],
@@ -109,7 +119,8 @@ def write_open_clip(arch: dict, params: dict, dtype_code: str, vision) -> str:
                        "head_width": varch["width"] // vparams["heads"], "mlp_ratio": varch["ffn"] / varch["width"]},
         "text_cfg": {"context_length": arch["context"], "vocab_size": arch["vocab"], "width": arch["width"],
                      "heads": params["heads"], "layers": arch["layers"], "mlp_ratio": arch["ffn"] / arch["width"]},
-    }, "preprocess_cfg": {}}
+    }, "preprocess_cfg": {"mean": list(vision.mean), "std": list(vision.std), "interpolation": "bicubic",
+                          "resize_mode": "shortest"}}
     return json.dumps(cfg, indent=2) + "\n"
 
 
@@ -121,6 +132,6 @@ class SlotFormat(NamedTuple):
 # An encoder slot's config (`encoders: NAME: config:`): read from inputs, written with outputs.
 SLOT_FORMATS = {"hf_clip_text": SlotFormat(read_hf_clip_text, write_hf_clip_text)}
 # A whole CLIP's config (a layout's `vision: config:`), written by --with-vision:
-# (arch, params, dtype code, (vision arch, vision params)) -> text.
+# (arch, params, dtype code, VisionTower) -> text.
 CLIP_FORMATS = {"hf_clip": write_hf_clip, "open_clip": write_open_clip}
 

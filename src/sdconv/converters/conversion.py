@@ -10,6 +10,7 @@ from . import dtypes
 from .arch import infer_arch
 from .execute import SourceReader
 from .plan import BufferOp, ReadOp, ReadPlan, WriteOp
+from .preprocessing import tokenizer_files
 from .registry import ResolvedLayout
 from .schema import Slot
 from .transforms import synthesized_code
@@ -59,6 +60,12 @@ class EncoderPlan:
     grafts: dict = field(default_factory=dict)      # canonical -> Graft
     warnings: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
+
+    def tokenizer(self, make: bool = True) -> tuple[dict, str]:
+        """The tokenizer files written with this encoder ({path in the output: text}) and a note
+        saying so (or why none are): the target slot's tokenizer, padded as the encoder's kind is."""
+        kind = self.read.layout.family.kinds.get(self.identity)
+        return tokenizer_files(self.slot.tokenizer, kind.pad_token if kind else None, self.arch, make)
 
     def reader(self, source: Source) -> SourceReader:
         """Where this encoder's canonical tensors are read: `source`, and the grafts' references."""

@@ -70,9 +70,11 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
                                                       f.absent_last)
         if vision is not None:      # the pair's logit_scale comes with the vision tower
             wnotes = [n for n in wnotes if "logit_scale" not in n]
-        encs.append(EncoderPlan(f.read, f.identity, f.identity_origin, f.arch, f.params, f.param_origin, tslot, ops,
-                                buffers, layers_out, f.absent_last + f.read.layers - layers_out,
-                                f.notes + slot_notes + wnotes, f.grafts, f.warnings, f.repairs))
+        e = EncoderPlan(f.read, f.identity, f.identity_origin, f.arch, f.params, f.param_origin, tslot, ops,
+                        buffers, layers_out, f.absent_last + f.read.layers - layers_out,
+                        f.notes + slot_notes + wnotes, f.grafts, f.warnings, f.repairs)
+        e.notes += [n for n in [e.tokenizer(make=False)[1]] if n]
+        encs.append(e)
 
     plans = []
     for group, out in _outputs(encs, None if output is None else Path(output)):
@@ -185,11 +187,12 @@ def _write_plan(p: Plan, guard: AtomicOutput, sha, progress, unchanged: Snapshot
             vt = stream(SourceReader(v.source, v.read), v.ops, v.buffers, v.arch, p.dtype)
             e = p.encoders[0]
             written = write_whole_clip(p.target, v.target, p.fmt, tmp,
-                                       SlotOutput(e.slot, per_encoder[0], e.arch_out, e.params), vt,
+                                       SlotOutput(e.slot, per_encoder[0], e.arch_out, e.params,
+                                                  tokenizer=e.tokenizer()[0]), vt,
                                        (v.arch, v.params), provenance.whole_clip_metadata(p, meta))
         else:
             parts = [SlotOutput(e.slot, s, e.arch_out, e.params,
-                                provenance.slot_metadata(p, e, meta) if folder else None)
+                                provenance.slot_metadata(p, e, meta) if folder else None, e.tokenizer()[0])
                      for e, s in zip(p.encoders, per_encoder)]
             written = write_layout(p.target, p.fmt, tmp, parts, meta)
         if side is not None:        # the ledger and provenance, for containers without metadata

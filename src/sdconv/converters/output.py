@@ -1,11 +1,13 @@
 """Laying out an output: a target layout's tensors into one file, or into a folder with each
-encoder slot's sub-folder, weights file and config; or a whole CLIP (text and vision)."""
+encoder slot's sub-folder, weights file, config and tokenizer files; or a whole CLIP (text and
+vision, with the image processor's config where the layout has one)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import configs
+from .preprocessing import PROCESSOR_FORMATS
 from .registry import ResolvedLayout
 from .schema import Slot
 from .stream import TensorStream
@@ -20,6 +22,18 @@ class SlotOutput:
     arch: dict                  # the architecture written (for config.json)
     params: dict                # heads and act (for config.json)
     metadata: dict | None = None    # this slot's own weights-file metadata (folder layouts), else the output's
+    tokenizer: dict = field(default_factory=dict)   # {path in the output: text} (preprocessing.tokenizer_files)
+
+
+def write_texts(tmp: Path, files: dict) -> list[Path]:
+    """Write {path in the output: text} under `tmp` (UTF-8); the files written."""
+    out = []
+    for name, text in files.items():
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        out.append(path)
+    return out
 
 
 def write_layout(target: ResolvedLayout, fmt: str, tmp: Path, parts: list[SlotOutput], metadata: dict) -> list[Path]:
@@ -40,6 +54,7 @@ def write_layout(target: ResolvedLayout, fmt: str, tmp: Path, parts: list[SlotOu
             cfg = sub / p.slot.config.file
             cfg.write_text(configs.SLOT_FORMATS[p.slot.config.format].write(p.arch, p.params, p.tensors.dominant_dtype()))
             files.append(cfg)
+        files += write_texts(tmp, p.tokenizer)
     return files
 
 
@@ -47,6 +62,8 @@ def write_whole_clip(target: ResolvedLayout, vision_target: ResolvedLayout, fmt:
                      vision: TensorStream, vision_config: tuple, metadata: dict) -> list[Path]:
     """A whole CLIP: text and vision tensors in one weights file (plus a config for folders).
     `vision_config`: (the vision tower's arch, its params)."""
+    fam = vision_target.family
+    tower = configs.VisionTower(*vision_config, fam.image_mean, fam.image_std)
     tensors = TensorStream.concat([text.tensors, vision])
     if vision_target.layout.output == "file":
         save_tensors(tensors, tmp, fmt, metadata)
@@ -57,6 +74,11 @@ def write_whole_clip(target: ResolvedLayout, vision_target: ResolvedLayout, fmt:
     spec = target.layout.vision.config
     if spec is not None:
         cfg = tmp / spec.file
-        cfg.write_text(configs.CLIP_FORMATS[spec.format](text.arch, text.params, tensors.dominant_dtype(), vision_config))
+        cfg.write_text(configs.CLIP_FORMATS[spec.format](text.arch, text.params, tensors.dominant_dtype(), tower))
         files.append(cfg)
-    return files
+    processor = target.layout.vision.processor
+    if processor is not None:
+        size, _ = configs.image_geometry(tower.arch)
+        processor_text = PROCESSOR_FORMATS[processor.format](size, fam.image_mean, fam.image_std)
+        files += write_texts(tmp, {processor.file: processor_text})
+    return files + write_texts(tmp, text.tokenizer)

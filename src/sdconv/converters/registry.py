@@ -128,6 +128,10 @@ class Registry:
             if self._find("family", lay.vision.family) is None or self._find("naming", lay.vision.naming) is None:
                 raise MappingError(p, 0, f"vision: unknown family {lay.vision.family!r} or naming {lay.vision.naming!r}")
             self.naming(lay.vision.naming, lay.vision.family)           # validate it now
+            vfam = self.family(lay.vision.family)
+            if lay.vision.processor is not None and not (len(vfam.image_mean) == len(vfam.image_std) == 3):
+                raise MappingError(p, lay.vision.lines.get("processor", 0), f"vision processor: family {vfam.name} "
+                                   "gives no image: mean and std (three numbers each) to write it with")
         return ResolvedLayout(lay, fam, namings)
 
     def vision(self, rl: ResolvedLayout) -> ResolvedLayout | None:

@@ -55,6 +55,7 @@ class Kind(Parsed):
     layers: int = row(whole(1))
     heads: int = row(whole(1))
     act: str = row(text)
+    pad_token: str | None = row(text, default=None)     # its tokenizer's pad token, where not end-of-text
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Family(Parsed):
     kinds: dict = row(named(Kind, "kind {}"), default={})       # kind name -> Kind
     presets: dict = row(mapping(mapping(lambda v, at: v)), default={})     # checked against the tensors
     overrides: bool = row(flag, default=False)
+    image_mean: tuple = row(listed(number), default=(), yaml="image.mean")   # how its images are normalised
+    image_std: tuple = row(listed(number), default=(), yaml="image.std")
 
     def kind_by_width(self, width):
         return next((k for k in self.kinds.values() if k.width == width), None)
@@ -127,6 +130,20 @@ class VisionConfig(ConfigSpec):
 
 
 @dataclass(frozen=True)
+class TokenizerSpec(Parsed):
+    """Where an encoder slot's tokenizer files go (a folder of the output) and in what format."""
+    folder: str = row(values.folder)
+    format: str = row(values.tokenizer_format)
+
+
+@dataclass(frozen=True)
+class ProcessorSpec(Parsed):
+    """A whole CLIP's image processor config: its file and format."""
+    file: str = row(values.file_in_folder(".json"))
+    format: str = row(values.processor_format)
+
+
+@dataclass(frozen=True)
 class Weights:
     """A folder output's weights file, per format."""
     safetensors: str | None = row(values.file_in_folder(*SAFETENSORS_EXT), default=None)
@@ -151,6 +168,7 @@ class Slot(Parsed):
     buffers: frozenset = row(string_set, default=frozenset())
     params: dict = row(then(obj(Params), as_dict), default={})
     config: ConfigSpec | None = row(obj(ConfigSpec, "config"), default=None)
+    tokenizer: TokenizerSpec | None = row(obj(TokenizerSpec, "tokenizer"), default=None)
     read_prefixes: tuple[str, ...] = row(listed(values.prefix), default=())   # other places the slot is found in files (read only)
     ignore: tuple[str, ...] = row(strings, default=())          # stray keys under the prefix, skipped with a note
     alternates: tuple[Entry, ...] = row(listed(obj(Entry, "alternate", require=("transform",))), default=())
@@ -174,6 +192,7 @@ class VisionSpec(Parsed):
     output: str = row(one_of(OUTPUTS))
     weights: dict = row(then(obj(Weights, "vision weights"), as_dict), default={})   # folder outputs: format -> file
     config: ConfigSpec | None = row(obj(VisionConfig, "vision config"), default=None)
+    processor: ProcessorSpec | None = row(obj(ProcessorSpec, "vision processor"), default=None)
 
 
 def _encoders(v, at: At) -> dict:
@@ -306,9 +325,13 @@ def parse_layout(path) -> Layout:
             raise MappingError(path, s.lines["drop_last_layers"], "drop_last_layers needs a why: say what is lost")
         if "/" in s.prefix and lay.output == "file":
             raise MappingError(path, s.lines["prefix"], "a prefix with a folder needs output: folder")
+        if s.tokenizer is not None and lay.output == "file":
+            raise MappingError(path, s.lines["tokenizer"], f"encoder {s.name}: tokenizer files need output: folder")
         for a in s.alternates:
             _check_alternate(a, At(path, a.line, f"encoder {s.name} alternate"))
     v = lay.vision
+    if v is not None and v.processor is not None and v.output == "file":
+        raise MappingError(path, v.lines["processor"], "vision processor: a processor config needs output: folder")
     if v is not None and v.output == "folder":
         _weights_named(v.weights, At(path, v.lines.get("weights", lay.lines["vision"]), "vision weights"))
     return lay

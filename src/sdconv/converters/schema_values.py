@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from .configs import ACTIVATIONS, CLIP_FORMATS, SLOT_FORMATS
+from .preprocessing import PROCESSOR_FORMATS, TOKENIZER_FORMATS
 from .schema_rows import At, one_of, strings, text
 from .transforms import TRANSFORMS
 
@@ -92,3 +93,13 @@ activation = one_of(ACTIVATIONS, "activation")
 SLOT_WHAT, CLIP_WHAT = "an encoder slot", "a whole CLIP (vision: config)"
 slot_format = one_of(SLOT_FORMATS, "config format", here=SLOT_WHAT, elsewhere=CLIP_FORMATS, there=CLIP_WHAT)
 clip_format = one_of(CLIP_FORMATS, "config format", here=CLIP_WHAT, elsewhere=SLOT_FORMATS, there=SLOT_WHAT)
+tokenizer_format = one_of(TOKENIZER_FORMATS, "tokenizer format")
+processor_format = one_of(PROCESSOR_FORMATS, "image processor format")
+
+
+def folder(v, at: At) -> str:
+    """A folder of an output, from its root: '' (the root) or one plain name and '/'."""
+    if text(v, at) and not (v.endswith("/") and plain_name(v[:-1])):
+        raise at.error(f"{at.what} {v!r} must be '' (the output's root) or one plain folder name ending in '/'",
+                       "e.g. tokenizer/")
+    return v

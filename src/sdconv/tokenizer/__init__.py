@@ -56,6 +56,16 @@ def byte_symbols() -> dict:
     return table
 
 
+@lru_cache(maxsize=None)
+def vocabulary(flavor: str = "openai") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the pieces, in id order; the merges, each "first second", in rank order): CLIP's
+    vocabulary as OpenAI's simple_tokenizer builds it. Needs neither ftfy nor regex."""
+    merges = tuple(gzip.decompress(vocab_bytes()).decode("utf-8").split("\n")[1:MERGES + 1])
+    symbols = list(byte_symbols().values())
+    pieces = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + list(FLAVORS[flavor])
+    return tuple(pieces), merges
+
+
 def _deps():
     try:
         import ftfy
@@ -75,13 +85,11 @@ class Tokenizer:
         ftfy, regex = _deps()
         self.flavor = flavor
         self._ftfy, self._regex = ftfy, regex
-        merges = gzip.decompress(vocab_bytes()).decode("utf-8").split("\n")[1:MERGES + 1]
+        vocab, merges = vocabulary(flavor)
         pairs = [tuple(m.split()) for m in merges]
         table = byte_symbols()
         self._bytes = [table[b] for b in range(256)]
         self._byte_of = {c: b for b, c in table.items()}
-        symbols = list(table.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(p) for p in pairs] + list(FLAVORS[flavor])
         self._ids = {piece: i for i, piece in enumerate(vocab)}
         self._pieces = vocab
         self._ranks = {p: i for i, p in enumerate(pairs)}
