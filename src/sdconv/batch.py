@@ -19,6 +19,7 @@ from .converters.atomic import AtomicOutput, refuse_overlap, refuse_special
 from .converters.engine import convert
 from .converters.folders import FOLDER_WEIGHTS, open_source
 from .converters.registry import DEFAULT, Registry
+from .converters.remote import RemoteName, is_remote
 from .converters.sources import PICKLE_EXT, SAFETENSORS_EXT
 from .errors import MalformedInputError, OutputError, SdconvError, UsageError
 from .options import ConvertOptions
@@ -39,6 +40,9 @@ def expand(inputs) -> tuple[list[Path], bool]:
     """(input paths, whether this is a batch): globs and folders of checkpoints expanded."""
     out, batch = [], len(inputs) > 1
     for raw in inputs:
+        if is_remote(raw):
+            out.append(RemoteName(raw))
+            continue
         p = Path(raw)
         if not p.exists() and glob.has_magic(str(raw)):
             hits = sorted(Path(h) for h in glob.glob(str(raw)))

@@ -14,6 +14,7 @@ EXIT_CODES = {
     4: "refused as unsafe",
     5: "layout not found/ambiguous",
     6: "output refused (exists without --force, or is the input)",
+    7: "a remote input could not be read (network, HTTP error, no byte ranges)",
     INTERRUPTED: "interrupted (Ctrl-C, SIGTERM): nothing was written",
 }
 
@@ -50,6 +51,11 @@ class LayoutError(SdconvError):
 
 class OutputError(SdconvError):
     exit_code = 6
+
+
+class RemoteError(SdconvError):
+    """A URL or hf:// input could not be read: the network, the server's answer, its access rules."""
+    exit_code = 7
 
 
 class MappingError(SdconvError):

@@ -92,10 +92,10 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
     ledger = _ledger_summary(source, reads[0].folder, file_notes)
     for e in encoders:              # a note of the file is each encoder's
         e["notes"] += file_notes
-    size = sum(p.stat().st_size for p in source.files())
+    size = source.size_bytes()
     return {
         "inspect_version": INSPECT_VERSION,
-        "file": str(path), "container": source.kind(), "size_bytes": size,
+        "file": str(source.path), "container": source.kind(), "size_bytes": size,
         "layout": reads[0].layout.name, "detected": verdicts is not None,
         "candidates": [{"layout": v.layout, "matched": v.plans is not None, "reason": v.reason}
                        for v in (verdicts or [])],

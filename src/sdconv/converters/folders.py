@@ -8,6 +8,8 @@ from pathlib import Path
 from ..errors import InputError, UnsafeInputError
 from . import untrusted
 from .pickles import PickleSource
+from .remote import is_remote
+from .remote_sources import open_remote
 from .sources import PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource, Source
 
 # Weight files a folder may hold, in order of preference (variants such as model.fp16.* last).
@@ -162,6 +164,8 @@ def open_file(path: Path) -> Source:
 
 
 def open_source(path) -> Source:
+    if is_remote(path):
+        return open_remote(path)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")

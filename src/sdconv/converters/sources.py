@@ -85,6 +85,13 @@ class Source:
     def files(self) -> list[Path]:
         return [self.path]
 
+    def size_bytes(self) -> int:
+        """The input's size: its files' (a remote file's as its server states it)."""
+        return sum(p.stat().st_size for p in self.files())
+
+    def prefetch(self, keys) -> None:
+        """Make the tensors of `keys` quick to load: a remote source fetches their bytes at once."""
+
     def region(self, address: int, nbytes: int) -> tuple[int, int] | None:
         """(file descriptor, offset) of `nbytes` at `address` if they lie in this source's map of
         its file, which tensors are never written through (so a writer can copy them file to
@@ -134,17 +141,21 @@ class SafetensorsSource(Source):
     container = "safetensors"
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {size} bytes)",
-                                 "the file is empty or truncated; download it again")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > untrusted.HEADER.bytes:
-                raise InputError(f"{path}: not a safetensors file (header length {n} does not fit in {size} bytes)",
-                                 "the file is truncated, or is not a checkpoint (an HTML page or a git-lfs pointer?)")
-            raw = f.read(n)
+            self._parse_header(lambda n, at: os.pread(f.fileno(), n, at), os.fstat(f.fileno()).st_size)
+
+    def _parse_header(self, pread, size: int):
+        """Read and check the header through `pread(n, offset)`, of a file of `size` bytes."""
+        path = self.path
+        head = pread(8, 0) if size >= 8 else b""
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file (only {size} bytes)",
+                             "the file is empty or truncated; download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > untrusted.HEADER.bytes:
+            raise InputError(f"{path}: not a safetensors file (header length {n} does not fit in {size} bytes)",
+                             "the file is truncated, or is not a checkpoint (an HTML page or a git-lfs pointer?)")
+        raw = pread(n, 8)
         try:
             header = untrusted.parse_json(raw, f"{path} header", untrusted.HEADER).obj()
             meta = header.get("__metadata__")
