@@ -24,9 +24,10 @@ from .errors import UsageError
 from .options import ENCODER_PARAMS
 
 
-def canonical_sample(family, preset: dict, seed: int = 0, generator=None) -> dict:
+def canonical_sample(family, preset: dict, seed: int = 0, generator=None, cast=None) -> dict:
     """Random canonical tensors of `preset`, drawn in the family's order (from `generator` if
-    given, which then goes on from where this leaves it; else from a new one seeded `seed`)."""
+    given, which then goes on from where this leaves it; else from a new one seeded `seed`).
+    cast: a torch dtype each tensor is cast to once drawn (the values a write in it would hold)."""
     import torch
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     out = {}
@@ -36,8 +37,9 @@ def canonical_sample(family, preset: dict, seed: int = 0, generator=None) -> dic
         shape = [preset[s] if isinstance(s, str) else s for s in spec.shape]
         names = expand(spec.name, preset["layers"])
         for n in names:
-            out[n] = (torch.full(shape, float(spec.sample)) if spec.sample is not None
-                      else torch.randn(shape, generator=g) * 0.02)
+            t = (torch.full(shape, float(spec.sample)) if spec.sample is not None
+                 else torch.randn(shape, generator=g) * 0.02)
+            out[n] = t if cast is None else t.to(cast)
     return out
 
 
@@ -132,8 +134,10 @@ def _whole_clip(output, rl, layout, preset, dtype, seed, fmt, force, meta, regis
         raise UsageError(f"preset {preset}: the text projection has {p['proj']} outputs, the vision one {vp['proj']}",
                          "give both presets the same proj")
     g = torch.Generator().manual_seed(seed)
-    text = canonical_sample(rl.family, {**p, "proj": vp["proj"]}, generator=g)   # the sample's tower, then text_proj
-    vision = canonical_sample(vfam, vp, generator=g)
+    # cast as drawn (half the memory of a full-size CLIP): the values the write's cast would give
+    cast = dtypes.torch_dtype(dtypes.BY_CAST[dtype].code)
+    text = canonical_sample(rl.family, {**p, "proj": vp["proj"]}, generator=g, cast=cast)   # the sample's tower, then text_proj
+    vision = canonical_sample(vfam, vp, generator=g, cast=cast)
     text.pop("logit_scale", None)             # the pair's logit_scale is written with the vision tower
     hp, vparams = {k: p[k] for k in ENCODER_PARAMS}, {k: vp[k] for k in ENCODER_PARAMS}
     tensors = write_canonical(text, output, layout, hp, fmt, dtype, force, None, meta, registry, (vision, vparams))
