@@ -89,8 +89,11 @@ def describe_record(rec) -> str:
 
 
 def describe_sample(output, layout, preset, seed, info: dict) -> str:
-    return (f"wrote {output}: {layout} sample, preset {preset} ({info['tensors']} tensors, "
-            f"heads {info['params']['heads']}, {info['params']['act']}), random weights, seed {seed}")
+    v = info.get("vision")
+    what = (f"{layout} whole CLIP sample (text and vision towers)" if v else f"{layout} sample")
+    vision = f"; vision heads {v['heads']}, {v['act']}, {v['image']} px images" if v else ""
+    return (f"wrote {output}: {what}, preset {preset} ({info['tensors']} tensors, "
+            f"heads {info['params']['heads']}, {info['params']['act']}{vision}), random weights, seed {seed}")
 
 
 def render_inspect(report: dict) -> str:
