@@ -24,7 +24,6 @@ import torch
 from sdconv import convert, sample
 from tests.helpers import consumers as C
 from tests.helpers.clipref import reference_and_sd1
-from tests.helpers.processor_shim import add_processor_files      # TEMPORARY: see its docstring
 
 pytestmark = pytest.mark.oracle
 
@@ -68,7 +67,6 @@ def _openai_scores(reference, images, prompts, truncate=False):
 
 def _scorer_folder(d, ckpt, reference, name="hf"):
     convert(ckpt, d / name, to="hf", with_vision=reference)
-    add_processor_files(d / name)                       # TEMPORARY until convert writes them
     return d / name
 
 
@@ -229,8 +227,6 @@ def test_the_walkthrough_runs(tmp_path):
         r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
         assert r.returncode == 0, block + r.stdout[-3000:] + r.stderr[-3000:]
-        if (tmp_path / "sd15-clip-hf").is_dir():
-            add_processor_files(tmp_path / "sd15-clip-hf")          # TEMPORARY until convert writes them
     assert re.search(r"^CLIPScore \S+: sd15-clip-hf, 1 pair\(s\), image\(s\): cat.png", r.stdout, re.M), r.stdout
     py = _blocks("python")
     assert len(py) == 4
