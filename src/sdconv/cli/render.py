@@ -44,9 +44,15 @@ def describe_plan(plan) -> str:
             lines.append(f"  note: {n}")
     if plan.vision is not None:
         v = plan.vision
-        lines.append(f"vision tower from {v.source.path} ({v.read.layout.name}): width {v.arch['width']}, "
+        where = "the input" if v.source is plan.source else v.source.path
+        lines.append(f"vision tower from {where} ({v.read.layout.name}): width {v.arch['width']}, "
                      f"layers {v.arch['layers']}, patch {v.arch['patch']}, heads {v.params['heads']}, "
                      f"{v.params['act']}, projection {v.arch['proj']}; {len(v.ops)} tensors")
+        for k in ENCODER_PARAMS:
+            if k in v.origin:
+                lines.append(f"  vision {k} = {v.params[k]}  ({v.origin[k]})")
+        for n in v.notes:
+            lines.append(f"  note: {n}")
     lines.append(f"bytes: read {plan.bytes_to_read:,}, write {plan.bytes_to_write:,}")
     return "\n".join(lines)
 
