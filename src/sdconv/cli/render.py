@@ -124,6 +124,18 @@ def render_inspect(report: dict) -> str:
             lines.append(f"  SYNTHETIC? {n}")
         for n in e["notes"]:
             lines.append(f"  note: {n}")
+    v = report.get("vision")
+    if v:
+        o = v["param_origin"]
+        lines.append(f"vision tower ({v['layout']}): ViT, width {v['width']}, layers {v['layers']}, ffn {v['ffn']}, "
+                     f"heads {v['heads']} ({o['heads']}), {v['act']} ({o['act']})")
+        lines.append(f"  image {v['image_size']}, patch {v['patch_size']}, {v['channels']} channels, projection "
+                     f"{v['projection_dim']}; {v['parameters']:,} parameters, {mb(v['bytes'])}, dtypes "
+                     + ", ".join(f"{k} x{n}" for k, n in sorted(v["dtypes"].items())))
+        if v["logit_scale"] is not None:        # the pair's (a CLIPModel's text part cannot hold it)
+            lines.append(f"  logit_scale: {round(v['logit_scale'], 4)}")
+        for n in v["notes"]:
+            lines.append(f"  note: {n}")
     led = report.get("ledger")
     if led:
         lines.append("sdconv ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(led["origins"].items())))
