@@ -279,3 +279,17 @@ assert 'torch' not in sys.modules, 'torch was imported'
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["vision"]["patch_size"] == 16
+
+
+def test_an_incomplete_vision_tower_is_said(world, tmp_path):
+    """visual.* keys that are not a whole ViT tower (a ResNet CLIP's, or one lost): refused for a
+    whole CLIP, and a note (not a crash) in inspect."""
+    d, sources, *_ = world
+    sd = W.state_dict(sources["openai_pt"])
+    del sd["visual.conv1.weight"]
+    f = tmp_path / "broken.pt"
+    torch.save(sd, f)
+    with pytest.raises(UsageError, match="no complete ViT vision tower"):
+        make_plan(f, to="hf", whole_clip=True, output=tmp_path / "x")
+    r = inspect(f)
+    assert r["vision"] is None and any("its vision tower is not read" in n for n in r["encoders"][0]["notes"])
