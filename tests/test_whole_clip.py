@@ -293,3 +293,26 @@ def test_an_incomplete_vision_tower_is_said(world, tmp_path):
         make_plan(f, to="hf", whole_clip=True, output=tmp_path / "x")
     r = inspect(f)
     assert r["vision"] is None and any("its vision tower is not read" in n for n in r["encoders"][0]["notes"])
+
+
+@pytest.mark.parametrize("width, head_width", [(1280, 80), (1664, 104)])
+def test_openclip_h_and_bigg_vision_heads_without_a_config(tmp_path, width, head_width):
+    """OpenCLIP's ViT-H/14 and ViT-bigG/14 towers have 16 heads (head widths 80 and 104), not
+    width / 64: a state dict without a config is read with the known tower's heads, and the
+    output computes the same image features as open_clip."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    vcfg = CLIPVisionCfg(layers=1, width=width, head_width=head_width, patch_size=14, image_size=28)
+    tcfg = CLIPTextCfg(context_length=C.CONTEXT, vocab_size=C.VOCAB, width=C.WIDTH, heads=C.HEADS, layers=C.LAYERS)
+    m = CLIP(C.PROJ, vcfg, tcfg, quick_gelu=False).eval()
+    C.seeded_randn_(m, 3)
+    with torch.no_grad():
+        m.logit_scale.fill_(4.6052)
+    torch.save(m.state_dict(), tmp_path / "oc-h.bin")
+    plan = make_plan(tmp_path / "oc-h.bin", to="hf", whole_clip=True, params={"act": "gelu"})
+    assert plan.vision.params["heads"] == 16, plan.vision.params
+    convert(tmp_path / "oc-h.bin", tmp_path / "hf", to="hf", whole_clip=True, params={"act": "gelu"})
+    img = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m.encode_image(img)
+    _, got = W.features("hf", tmp_path / "hf", C.token_ids(), img)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -1,7 +1,8 @@
 """A whole CLIP's vision tower, read from an input in its own layout's vision naming: shapes,
 architecture, and heads and activation with where each came from. The layout's whole-CLIP
 config (a CLIPModel's config.json, open_clip_config.json) says them when the input has one;
-else the heads follow the head width, and the activation is the text tower's (OpenAI's clip
+else the heads are those of the known tower of that width (clip_vision kinds: OpenCLIP H and bigG
+are not width / 64) or follow the head width, and the activation is the text tower's (OpenAI's clip
 and open_clip run one activation for both towers)."""
 from __future__ import annotations
 
@@ -69,8 +70,11 @@ def read_vision(source: Source, text: Found, registry: Registry, where: str) -> 
         raise InputError(f"{where}: {cfg_name} says the vision tower runs {params['act']!r}, which sdconv does not "
                          f"serve", f"known: {', '.join(fam.act_choices)}")
     width = varch["width"]
+    kind = fam.kind_by_width(width)
     if "heads" in got:
         params["heads"], origin["heads"] = got["heads"], cfg_name
+    elif kind is not None and "head_width" not in got:     # OpenCLIP's H and bigG are not width / 64
+        params["heads"], origin["heads"] = kind.heads, f"{kind.title}, width {width}"
     else:       # a head width: open_clip's config, else the family's
         said_hw = f"{cfg_name}'s head width" if "head_width" in got else "head width"
         hw = got.get("head_width", fam.head_width)
