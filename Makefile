@@ -13,7 +13,8 @@ DEMO   ?= demo-out
 .PHONY: install install-test demo test test-fast bench clean help
 
 help:
-	@echo "make demo      - install, make a sample SD1.x checkpoint, convert it to openai and hf"
+	@echo "make demo      - install, make a sample SD1.x checkpoint, convert it to openai and hf, then a"
+	@echo "                 scorer-ready whole CLIP with a sample reference (and its CLIPScore, if torchmetrics is installed)"
 	@echo "make test      - install with the test oracles, run the test suite"
 	@echo "make test-fast - the quick tier: the tests marked neither oracle nor fullsize (a few minutes)"
 	@echo "make bench     - full-scale benchmark (~15 min, ~9 GB of temporary disk; BENCH_ARGS=--quick to try it)"
@@ -34,6 +35,9 @@ $(VENV)/.test-installed: $(VENV)/.run-installed pyproject.toml
 install: $(VENV)/.run-installed
 install-test: $(VENV)/.test-installed
 
+# Step 7 scores only where torchmetrics and transformers are installed (test extras, not run-time
+# dependencies; `make test` installs them). They are looked up without importing them: beside the
+# CPU torch the pinned torchvision fails at import, which examples/clipscore.py handles.
 demo: install
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
 	@echo "== 1. a sample SD1.x checkpoint (random weights, the real SD1.x text-encoder keys, full size)"
@@ -44,8 +48,21 @@ demo: install
 	$(SDCONV) convert $(DEMO)/sd15-sample.safetensors -o $(DEMO)/clip-l-openai.safetensors --to openai
 	@echo "== 4. to a transformers CLIPTextModel folder"
 	$(SDCONV) convert $(DEMO)/sd15-sample.safetensors -o $(DEMO)/clip-l-hf --to hf
+	@echo "== 5. a sample reference CLIP: ViT-L/14's shape, random weights; its text tower is the sample"
+	@echo "      checkpoint's own (same preset and seed), as SD1.x's text encoder started from OpenAI ViT-L/14"
+	$(SDCONV) sample $(DEMO)/clip-vit-l-14-sample.pt --layout openai --preset vit-l-14 --whole-clip
+	@echo "== 6. a scorer-ready whole CLIP: the checkpoint's text tower + the reference's projection and vision tower"
+	$(SDCONV) convert $(DEMO)/sd15-sample.safetensors -o $(DEMO)/sd15-clip-hf --to hf --with-vision $(DEMO)/clip-vit-l-14-sample.pt
+	@echo "== 7. CLIPScore with it in torchmetrics (docs/clipscore.md), on a synthetic image:"
+	@echo "      random weights, so the number means nothing; the route is what is shown"
+	@if $(PY) -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torchmetrics', 'transformers')))"; then \
+	   $(PY) examples/clipscore.py $(DEMO)/sd15-clip-hf --prompt "a photo of a cat"; \
+	 else \
+	   echo "torchmetrics and transformers are not installed in $(VENV) (make test installs them); then this prints the score:"; \
+	   echo "  $(PY) examples/clipscore.py $(DEMO)/sd15-clip-hf --prompt \"a photo of a cat\""; \
+	 fi
 	@echo "== done: outputs in $(DEMO)/"
-	@ls -l $(DEMO) $(DEMO)/clip-l-hf
+	@ls -l $(DEMO) $(DEMO)/clip-l-hf $(DEMO)/sd15-clip-hf
 
 test: install-test
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q

@@ -1,5 +1,6 @@
 """--projection: graft a reference CLIP's text projection (and logit_scale) onto an SD encoder."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -63,10 +64,14 @@ def test_width_mismatch_names_the_widths(ref_and_sd1, tmp_path):
 
 @pytest.mark.oracle
 def test_existing_projection_needs_replace(ref_and_sd1, tmp_path):
+    """Another file's projection replaces the encoder's own only when asked (the input itself as
+    --projection keeps its own: tests/test_whole_clip.py)."""
     d, _ = ref_and_sd1
+    other = tmp_path / "other.pt"
+    shutil.copy(d / "ViT-tiny.pt", other)
     with pytest.raises(UsageError, match="already has a text projection"):
-        make_plan(d / "ViT-tiny.pt", to="hf", projection=d / "ViT-tiny.pt")
-    assert make_plan(d / "ViT-tiny.pt", to="hf", projection=d / "ViT-tiny.pt", replace_projection=True)
+        make_plan(d / "ViT-tiny.pt", to="hf", projection=other)
+    assert make_plan(d / "ViT-tiny.pt", to="hf", projection=other, replace_projection=True)
 
 
 def test_bigg_graft_warns(tmp_path):

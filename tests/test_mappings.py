@@ -275,6 +275,15 @@ def test_an_encoder_config_format_under_vision_is_refused(tmp_path):
     _refused(*_cli("layouts", "check", path), f"{path}:{line}: config format 'hf_clip_text'", *CLIP_FORMATS)
 
 
+def test_a_read_only_config_format_on_a_folder_layout_is_refused(tmp_path):
+    """open_clip_text is read from open_clip folders, never written: a folder layout, which
+    writes its slots' configs, cannot name it (a file layout such as open_clip can)."""
+    text = FOLDER_LAYOUT.replace("format: hf_clip_text", "format: open_clip_text")
+    _, path = _registry_with(tmp_path, "mine", text)
+    _refused(*_cli("layouts", "check", path), f"{path}:{_line_of(text, 'config:')}", "'open_clip_text'",
+             "never written")
+
+
 def test_an_unknown_config_format_names_the_valid_ones(tmp_path):
     text = FOLDER_LAYOUT.replace("format: hf_clip_text", "format: hf_clip_txt")
     _, path = _registry_with(tmp_path, "mine", text)

@@ -140,7 +140,8 @@ def run_batch(inputs: list[Path], out_dir: Path, options: ConvertOptions, *, con
     sdconv did not make are replaced."""
     force = options.force
     target = registry.layout(options.to)
-    folder_layout = target.layout.output == "folder" or (options.with_vision and target.layout.vision
+    whole = options.with_vision is not None or options.whole_clip
+    folder_layout = target.layout.output == "folder" or (whole and target.layout.vision
                                                          and target.layout.vision.output == "folder")
     check_output_folder(out_dir, inputs)
     outputs = {inp: output_for(inp, out_dir, folder_layout, options.fmt) for inp in inputs}

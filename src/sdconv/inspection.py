@@ -6,12 +6,15 @@ from their raw bytes.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .converters import metakeys, untrusted
 from .converters.analyse import analyse, read_input
 from .converters.registry import DEFAULT, Registry
-from .errors import MalformedInputError
+from .converters.configs import image_geometry
+from .converters.vision import holds_vision, read_vision
+from .errors import MalformedInputError, SdconvError
 from .converters.synthetic import findings, position_ids_health, projection_look, scalar
 
 INSPECT_VERSION = 1
@@ -89,6 +92,7 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
             c["examples"].append(k)
     path = Path(source.path)
     file_notes: list[str] = []
+    vision = _vision(source, found[0], registry, file_notes)
     ledger = _ledger_summary(source, reads[0].folder, file_notes)
     for e in encoders:              # a note of the file is each encoder's
         e["notes"] += file_notes
@@ -100,10 +104,32 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
         "candidates": [{"layout": v.layout, "matched": v.plans is not None, "reason": v.reason}
                        for v in (verdicts or [])],
         "encoders": encoders,
+        "vision": vision,
         "components": components,
         "metadata": source.metadata(reads[0].folder),
         "ledger": ledger,
     }
+
+
+def _vision(source, text, registry: Registry, notes: list) -> dict | None:
+    """The vision tower of a whole CLIP (None when the input holds none); one that cannot be
+    read as a ViT tower is a note of the file."""
+    if not holds_vision(source, text, registry):
+        return None
+    try:
+        v = read_vision(source, text, registry, str(source.path))
+    except SdconvError as e:
+        notes.append(f"its vision tower is not read: {e.message}")
+        return None
+    a = v.arch
+    infos = [source.info(k) for op in v.read.ops for k in op.keys]
+    image, patch = image_geometry(a)
+    return {"layout": v.layout.name, "width": a["width"], "layers": a["layers"], "ffn": a["ffn"],
+            "heads": v.params["heads"], "act": v.params["act"], "param_origin": v.origin,
+            "patch_size": patch, "image_size": image, "channels": a["channels"], "projection_dim": a["proj"],
+            "dtypes": {d: sum(i.dtype == d for i in infos) for d in sorted({i.dtype for i in infos})},
+            "parameters": sum(math.prod(i.shape) for i in infos), "bytes": sum(i.nbytes for i in infos),
+            "logit_scale": scalar(source, v.read, "logit_scale"), "notes": v.read.notes + v.notes}
 
 
 def _ledger_summary(source, folder: str, notes: list) -> dict | None:

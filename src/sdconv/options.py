@@ -19,6 +19,9 @@ FORMATS = ("safetensors", "pt")                 # output containers (--format)
 ENCODER_PARAMS = ("heads", "act")               # what an encoder's weights cannot say
 PARAM_NAMES = (*ENCODER_PARAMS, "encoder")      # what --param may say (encoder: which kind it is)
 AUTO = "auto"                                   # --from auto: detect the layout
+# options added after batch runs began recording them: left out of a record while off, so that
+# outputs made before still count as made with the same options
+_RECORDED_WHEN_SET = ("whole_clip",)
 
 
 def check_params(params: Mapping | None) -> dict:
@@ -49,6 +52,7 @@ class ConvertOptions:
     replace_projection: bool = False            # ... even over the encoder's own
     allow_synthetic: bool = False               # ... even if the reference's looks like a placeholder
     with_vision: str | Path | None = None       # assemble a whole CLIP with this reference's vision tower
+    whole_clip: bool = False                    # the input is a whole CLIP: --with-vision the input itself
     force_activation: bool = False              # ... even if the target library runs another activation
     fix_position_ids: bool = False              # repair drifted or corrupt position_ids (recorded)
     strict: bool = False                        # warnings are errors
@@ -64,6 +68,9 @@ class ConvertOptions:
             object.__setattr__(self, "from_", None)
         if self.encoder == "":
             object.__setattr__(self, "encoder", None)
+        if self.whole_clip and self.with_vision is not None:
+            raise UsageError("--whole-clip takes the vision tower from the input itself; --with-vision names "
+                             "another CLIP", "pass one of them")
 
     def replace(self, **changes) -> "ConvertOptions":
         return dataclasses.replace(self, **changes)
@@ -72,7 +79,7 @@ class ConvertOptions:
         """The options as plain JSON values (what a batch run records in each output)."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name == "force":
+            if f.name == "force" or (f.name in _RECORDED_WHEN_SET and not getattr(self, f.name)):
                 continue
             v = getattr(self, f.name)
             out[f.name] = dict(v) if f.name == "params" else (str(v) if isinstance(v, Path) else v)

@@ -55,7 +55,7 @@ def plan_write_back(input, checkpoint, output, options: ConvertOptions | None = 
         raise UsageError("--into writes a .safetensors checkpoint", f"name the output {output.stem}.safetensors")
     to = o.to
     plans = make_plans(input, o.replace(fmt="safetensors", dtype="keep", encoder=o.encoder or "all", with_vision=None,
-                                        force_activation=False),
+                                        whole_clip=False, force_activation=False),
                        registry=registry)
     if len(plans) != 1:
         raise UsageError(f"{to} cannot hold these encoders together")

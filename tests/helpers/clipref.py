@@ -24,13 +24,18 @@ def oc_to_hf(oc: dict) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in hf.items()}
 
 
-def reference_and_sd1(d, dtype=torch.float32, tweak=None):
+def reference_and_sd1(d, dtype=torch.float32, tweak=None, fp16_exact=False, seed=7):
     """Write d/ViT-tiny.pt (a full tiny OpenAI CLIP state dict, fp32, logit_scale ln 100) and
     d/sd1.ckpt (an SD1.x checkpoint whose text tower holds the same weights, stored as `dtype`;
-    `tweak(hf_state_dict)` may edit it first). Returns the clip.model.CLIP reference."""
+    `tweak(hf_state_dict)` may edit it first). Returns the clip.model.CLIP reference.
+    fp16_exact: every weight a value fp16 holds exactly, so that clip.load (which rounds the
+    weights to fp16, then back to fp32 on a CPU) loads the reference unchanged."""
     m = C.openai_model()
-    C.seeded_randn_(m, 7)
+    C.seeded_randn_(m, seed)
     with torch.no_grad():
+        if fp16_exact:
+            for p in m.parameters():
+                p.copy_(p.half().float())
         m.logit_scale.fill_(4.6052)
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     torch.save(sd, d / "ViT-tiny.pt")

@@ -38,6 +38,9 @@ from .app import EXIT_CODES, main, parse_params, registry
               help="Assemble a whole CLIP for CLIPScore: this text tower, REF's vision tower, visual projection and "
                    "logit_scale, and REF's text projection. --to openai (write .pt; clip.load), open_clip (a folder "
                    "for create_model('local-dir:...')) or hf (a CLIPModel folder).")
+@click.option("--whole-clip", is_flag=True,
+              help="INPUT is a whole CLIP (OpenAI .pt, open_clip, transformers CLIPModel): write both its towers, "
+                   "its projections and logit_scale, as --with-vision INPUT does. In a batch, each input is its own.")
 @click.option("--force-activation", is_flag=True,
               help="With --with-vision, write even if the target library would run the wrong activation.")
 @click.option("--fix-position-ids", is_flag=True,
@@ -54,8 +57,8 @@ from .app import EXIT_CODES, main, parse_params, registry
               help="Batch: write one JSON line per input (layout, encoders, outputs, sha256, warnings, error).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
-            with_vision, force_activation, fix_position_ids, strict, force, dry_run, quiet, into, continue_on_error,
-            report):
+            with_vision, whole_clip, force_activation, fix_position_ids, strict, force, dry_run, quiet, into,
+            continue_on_error, report):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
     INPUT is a .safetensors, .ckpt/.pt/.pth/.bin file, or a model folder. Folder layouts
@@ -76,6 +79,7 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
       sdconv convert v1-5.safetensors -o x --to hf --dry-run
       sdconv convert v1-5.safetensors -o clip-l.safetensors --to openai --projection ViT-L-14.pt
       sdconv convert v1-5.safetensors -o sd15-clip.pt --to openai --with-vision ViT-L-14.pt
+      sdconv convert ViT-L-14.pt -o clip-vit-l --to hf --whole-clip
       sdconv convert sdxl.safetensors -o te --to diffusers --encoder all
       sdconv convert sdxl.safetensors -o g.safetensors --to open_clip --encoder clip_g
       sdconv convert sdxl.safetensors -o clip.safetensors --to openai --encoder all
@@ -92,8 +96,8 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
     options = ConvertOptions(to=to, from_=from_, params=parse_params(params), fmt=fmt, dtype=dtype, encoder=encoder,
                              projection=projection, replace_projection=replace_projection,
                              allow_synthetic=allow_synthetic, with_vision=with_vision,
-                             force_activation=force_activation, fix_position_ids=fix_position_ids, strict=strict,
-                             force=force)
+                             whole_clip=whole_clip, force_activation=force_activation,
+                             fix_position_ids=fix_position_ids, strict=strict, force=force)
     reg = registry()
     if into and batch:
         raise UsageError("--into writes one encoder file into one checkpoint; several inputs were given",

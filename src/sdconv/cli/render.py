@@ -44,9 +44,15 @@ def describe_plan(plan) -> str:
             lines.append(f"  note: {n}")
     if plan.vision is not None:
         v = plan.vision
-        lines.append(f"vision tower from {v.source.path} ({v.read.layout.name}): width {v.arch['width']}, "
+        where = "the input" if v.source is plan.source else v.source.path
+        lines.append(f"vision tower from {where} ({v.read.layout.name}): width {v.arch['width']}, "
                      f"layers {v.arch['layers']}, patch {v.arch['patch']}, heads {v.params['heads']}, "
                      f"{v.params['act']}, projection {v.arch['proj']}; {len(v.ops)} tensors")
+        for k in ENCODER_PARAMS:
+            if k in v.origin:
+                lines.append(f"  vision {k} = {v.params[k]}  ({v.origin[k]})")
+        for n in v.notes:
+            lines.append(f"  note: {n}")
     lines.append(f"bytes: read {plan.bytes_to_read:,}, write {plan.bytes_to_write:,}")
     return "\n".join(lines)
 
@@ -89,8 +95,11 @@ def describe_record(rec) -> str:
 
 
 def describe_sample(output, layout, preset, seed, info: dict) -> str:
-    return (f"wrote {output}: {layout} sample, preset {preset} ({info['tensors']} tensors, "
-            f"heads {info['params']['heads']}, {info['params']['act']}), random weights, seed {seed}")
+    v = info.get("vision")
+    what = (f"{layout} whole CLIP sample (text and vision towers)" if v else f"{layout} sample")
+    vision = f"; vision heads {v['heads']}, {v['act']}, {v['image']} px images" if v else ""
+    return (f"wrote {output}: {what}, preset {preset} ({info['tensors']} tensors, "
+            f"heads {info['params']['heads']}, {info['params']['act']}{vision}), random weights, seed {seed}")
 
 
 def render_inspect(report: dict) -> str:
@@ -117,6 +126,18 @@ def render_inspect(report: dict) -> str:
         for n in e["synthetic"]:
             lines.append(f"  SYNTHETIC? {n}")
         for n in e["notes"]:
+            lines.append(f"  note: {n}")
+    v = report.get("vision")
+    if v:
+        o = v["param_origin"]
+        lines.append(f"vision tower ({v['layout']}): ViT, width {v['width']}, layers {v['layers']}, ffn {v['ffn']}, "
+                     f"heads {v['heads']} ({o['heads']}), {v['act']} ({o['act']})")
+        lines.append(f"  image {v['image_size']}, patch {v['patch_size']}, {v['channels']} channels, projection "
+                     f"{v['projection_dim']}; {v['parameters']:,} parameters, {mb(v['bytes'])}, dtypes "
+                     + ", ".join(f"{k} x{n}" for k, n in sorted(v["dtypes"].items())))
+        if v["logit_scale"] is not None:        # the pair's (a CLIPModel's text part cannot hold it)
+            lines.append(f"  logit_scale: {round(v['logit_scale'], 4)}")
+        for n in v["notes"]:
             lines.append(f"  note: {n}")
     led = report.get("ledger")
     if led:

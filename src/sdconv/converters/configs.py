@@ -36,11 +36,74 @@ def read_hf_clip_text(cfg: untrusted.Value) -> dict:
     return {"params": out, "declared": declared}
 
 
-def read_hf_clip_vision_act(cfg: untrusted.Value | None) -> str | None:
-    """The vision tower's activation a transformers CLIPConfig states, if any."""
-    vision = cfg.obj().get("vision_config") if cfg is not None else None
-    act = vision.get("hidden_act") if vision is not None and vision.is_object() else None
-    return act.text(most=64) if act is not None else None
+def read_hf_clip_vision(cfg: untrusted.Value) -> dict:
+    """Parameters and declared sizes of the vision tower a transformers CLIPConfig states."""
+    vision = cfg.obj().get("vision_config")
+    out, declared = {}, {}
+    if vision is None or not vision.is_object():
+        return {"params": out, "declared": declared}
+    if (heads := vision.get("num_attention_heads")) is not None:
+        out["heads"] = heads.whole(1, untrusted.MAX_HEADS)
+    if (act := vision.get("hidden_act")) is not None:
+        out["act"] = act.text(most=64)
+    for name, field in (("width", "hidden_size"), ("layers", "num_hidden_layers"), ("ffn", "intermediate_size"),
+                        ("patch", "patch_size"), ("channels", "num_channels"), ("image", "image_size")):
+        if (v := vision.get(field)) is not None:
+            declared[name] = v.whole(1, 1 << 40)
+    return {"params": out, "declared": declared}
+
+
+# open_clip's own defaults (open_clip.model: CLIP(quick_gelu=False), CLIPTextCfg.heads,
+# CLIPVisionCfg.head_width): what it runs when its config does not say
+OPEN_CLIP_TEXT_HEADS = 8
+OPEN_CLIP_HEAD_WIDTH = 64
+
+
+def _open_clip_model_cfg(cfg: untrusted.Value) -> untrusted.Value:
+    """open_clip_config.json's `model_cfg` (open_clip takes the whole file when it has none)."""
+    model = cfg.obj().get("model_cfg")
+    return model.obj() if model is not None else cfg
+
+
+def _open_clip_act(model: untrusted.Value) -> str:
+    """One flag for both towers; absent, open_clip builds exact GELU."""
+    flag = model.get("quick_gelu")
+    return "quick_gelu" if flag is not None and flag.flag() else "gelu"
+
+
+def _open_clip_sizes(tower: untrusted.Value, fields) -> dict:
+    """Whole-number sizes a tower config states (a [h, w] pair, as some ViTs give, is not one)."""
+    return {name: v.whole(1, 1 << 40) for name, field in fields
+            if (v := tower.get(field)) is not None and not isinstance(v.raw, list)}
+
+
+def read_open_clip_text(cfg: untrusted.Value) -> dict:
+    """The text tower's parameters and declared sizes from an open_clip_config.json."""
+    model = _open_clip_model_cfg(cfg)
+    out = {"act": _open_clip_act(model)}
+    text = model.get("text_cfg")
+    if text is None:
+        return {"params": out, "declared": {}}
+    heads = text.obj().get("heads")
+    out["heads"] = heads.whole(1, untrusted.MAX_HEADS) if heads is not None else OPEN_CLIP_TEXT_HEADS
+    declared = _open_clip_sizes(text, (("width", "width"), ("layers", "layers"), ("vocab", "vocab_size"),
+                                       ("context", "context_length")))
+    return {"params": out, "declared": declared}
+
+
+def read_open_clip_vision(cfg: untrusted.Value) -> dict:
+    """The vision tower's parameters and declared sizes from an open_clip_config.json: heads are
+    its width over its head width."""
+    model = _open_clip_model_cfg(cfg)
+    out = {"act": _open_clip_act(model)}
+    vision = model.get("vision_cfg")
+    if vision is None:
+        return {"params": out, "declared": {}}
+    hw = vision.obj().get("head_width")
+    out["head_width"] = hw.whole(1, 1 << 20) if hw is not None else OPEN_CLIP_HEAD_WIDTH
+    declared = _open_clip_sizes(vision, (("width", "width"), ("layers", "layers"), ("patch", "patch_size"),
+                                         ("image", "image_size")))
+    return {"params": out, "declared": declared}
 
 
 def write_hf_clip_text(arch: dict, params: dict, dtype_code: str, vision=None) -> str:
@@ -126,12 +189,18 @@ def write_open_clip(arch: dict, params: dict, dtype_code: str, vision: VisionTow
 
 class SlotFormat(NamedTuple):
     read: Callable              # config (untrusted.Value) -> {"params": ..., "declared": ...}
-    write: Callable             # (arch, params, dtype code) -> text
+    write: Callable | None      # (arch, params, dtype code) -> text; None: read only (file layouts)
 
 
 # An encoder slot's config (`encoders: NAME: config:`): read from inputs, written with outputs.
-SLOT_FORMATS = {"hf_clip_text": SlotFormat(read_hf_clip_text, write_hf_clip_text)}
+# open_clip_text is the text half of open_clip_config.json, which a text tower alone cannot
+# be loaded from: read, never written (a folder layout may not name it).
+SLOT_FORMATS = {"hf_clip_text": SlotFormat(read_hf_clip_text, write_hf_clip_text),
+                "open_clip_text": SlotFormat(read_open_clip_text, None)}
 # A whole CLIP's config (a layout's `vision: config:`), written by --with-vision:
 # (arch, params, dtype code, VisionTower) -> text.
 CLIP_FORMATS = {"hf_clip": write_hf_clip, "open_clip": write_open_clip}
+# ... and its vision half, read from inputs: config -> {"params": {heads or head_width, act},
+# "declared": {...}}. Every CLIP format has a reader (tests/test_whole_clip.py).
+CLIP_READERS = {"hf_clip": read_hf_clip_vision, "open_clip": read_open_clip_vision}
 

@@ -41,6 +41,8 @@ class VisionPlan:
     ops: list[WriteOp]
     buffers: list[BufferOp]
     sha256: str
+    origin: dict = field(default_factory=dict)      # where heads and act came from
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

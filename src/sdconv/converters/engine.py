@@ -17,13 +17,15 @@ from .analyse import Found, analyse, apply_repairs, carried_placeholders, read_i
 from .atomic import AtomicOutput
 from .conversion import EncoderPlan, Plan, Result
 from .execute import SourceReader, stream
-from .grafts import plan_grafts, plan_vision
+from .folders import is_input
+from .grafts import own_projection, plan_grafts, plan_vision
 from .hashing import LateValue, late_sha256
 from .leases import Snapshot
 from .output import SlotOutput, write_layout, write_whole_clip
 from .plan import plan_write
 from .registry import DEFAULT, Registry, ResolvedLayout
 from .schema import Slot
+from .vision import holds_vision
 from .writers import format_for
 
 
@@ -41,27 +43,44 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
         raise UsageError(f"{o.to} holds a {target.family.name} model, the input a {family.name} one")
     found = _select(analyse(source, reads, given), o.encoder, source.path)
     apply_repairs(found, o.fix_position_ids)
-    with_vision, projection = o.with_vision, o.projection
+    with_vision, projection = (input if o.whole_clip else o.with_vision), o.projection
     if with_vision is not None and len(found) != 1:
         raise UsageError("--with-vision assembles one CLIP: choose one encoder with --encoder NAME")
+    own_vision = with_vision is not None and is_input(source, with_vision)     # a whole CLIP converted
+    if own_vision and not holds_vision(source, found[0], registry):
+        flag = "--whole-clip" if o.whole_clip else f"--with-vision {with_vision}"
+        raise UsageError(f"{flag}: the input holds no vision tower ({found[0].read.layout.name} "
+                         f"{found[0].identity})", "convert its text encoder alone, or name a whole CLIP "
+                         "(OpenAI .pt, open_clip, transformers CLIPModel) with --with-vision")
     if with_vision is not None and projection is None:
         projection = with_vision           # the text projection comes from the same CLIP
+    if projection is not None and (own_vision if projection is with_vision else is_input(source, projection)):
+        own_projection(found, projection)   # the input's own projection and logit_scale: nothing grafted
+        projection = None
     if projection is not None:
         plan_grafts(found, projection, o.replace_projection, o.allow_synthetic, registry)
     for f in found:
         carried = carried_placeholders(source, f, o.allow_synthetic)
-        if carried and projection is not None and not o.allow_synthetic:
+        if carried and (projection is not None or with_vision is not None) and not o.allow_synthetic:
             raise InputError(f"{source.path}: {carried[0]}", "an output meant for scoring (--projection, "
                              "--with-vision) refuses placeholders; pass --allow-synthetic to write it anyway")
         if o.strict and f.warnings:             # --strict: every warning, of any step, is an error
             raise InputError(f"--strict: {f.warnings[0]}", "fix the input, or run without --strict")
     vision = None
     if with_vision is not None:
-        vision = plan_vision(with_vision, target, found[0], o.force_activation, registry)
         f = found[0]
-        if "logit_scale" in f.read.shapes:        # the pair's logit_scale is the reference's
+        vision = plan_vision(with_vision, target, f, o.force_activation, registry,
+                             (source, f) if own_vision else None)
+        had = "logit_scale" in f.read.shapes
+        if had:                                   # the pair's logit_scale is the reference's
             del f.read.shapes["logit_scale"]
             f.grafts.pop("logit_scale", None)
+        if own_vision and "logit_scale" in vision.read.shapes:
+            # the input's own, written: what its text side's reading said of it (an hf text
+            # slot cannot hold one) does not apply
+            f.read.notes[:] = [n for n in f.read.notes if "logit_scale" not in n]
+            f.notes.append("logit_scale written with the vision tower")
+        elif had:
             f.notes.append(f"logit_scale from {with_vision} (with its vision tower)")
     encs = []
     for f in found:

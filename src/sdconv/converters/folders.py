@@ -3,6 +3,7 @@ level down, as diffusers components are, keys of a sub-folder prefixed with `<su
 files, such as config.json, readable too), or a transformers shard index (*.index.json)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import InputError, UnsafeInputError
@@ -172,3 +173,17 @@ def open_source(path) -> Source:
     if path.is_dir():
         return FolderSource(path)
     return open_file(path)
+
+
+def is_input(source: Source, path) -> bool:
+    """Does `path` name the input `source` was opened from: the same path, or the same files by
+    another name (a symlink, a hard link, a folder and its weights file)? A file is compared
+    without being opened; a folder or shard index is opened (headers only)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    if path.resolve() == Path(source.path).resolve():
+        return True
+    theirs = open_source(path).files() if path.is_dir() or path.name.endswith(".index.json") else [path]
+    mine = source.files()
+    return len(theirs) == len(mine) and all(any(os.path.samefile(t, m) for m in mine) for t in theirs)

@@ -3,15 +3,15 @@ its whole vision side (--with-vision). The reference is read like any input, in 
 the canonical names make the transposes automatic."""
 from __future__ import annotations
 
-from ..errors import InputError, LayoutError, UsageError
-from . import configs
+from ..errors import InputError, UsageError
 from .analyse import Found, analyse, read_input
 from .hashing import sha256_of
 from .arch import infer_arch
-from .plan import plan_read, plan_write
+from .plan import plan_write
 from .conversion import Graft, VisionPlan
 from .registry import Registry, ResolvedLayout
 from .synthetic import findings
+from .vision import read_vision
 
 
 GRAFTED = ("text_proj.weight", "logit_scale")     # what --projection takes from the reference
@@ -57,45 +57,44 @@ def plan_grafts(found: list[Found], reference, replace: bool, allow_synthetic: b
                        f"{r.identity}, key {f.grafts['text_proj.weight'].op.keys[0]})")
 
 
-def plan_vision(reference, target: ResolvedLayout, text: Found, force_activation: bool,
-                registry: Registry) -> VisionPlan:
+def own_projection(found: list[Found], reference):
+    """--projection (or --with-vision) names the input itself: each encoder keeps its own text
+    projection and logit_scale, which it must have."""
+    for f in found:
+        if "text_proj.weight" not in f.read.shapes:
+            raise UsageError(f"{reference} is the input itself, and its {f.identity} encoder has no text projection",
+                             "name a full CLIP (OpenAI, open_clip or transformers CLIPModel) as --projection")
+
+
+def plan_vision(reference, target: ResolvedLayout, text: Found, force_activation: bool, registry: Registry,
+                own: tuple | None = None) -> VisionPlan:
     """Read the reference's vision tower (in its own layout's vision naming) and plan writing it
-    in the target's. The activation must suit the target: OpenAI's clip hard-codes QuickGELU,
-    and open_clip has one flag for both towers."""
+    in the target's. `own`: (source, its text encoder) when the reference is the input itself.
+    The activation must suit the target: OpenAI's clip hard-codes QuickGELU, and open_clip has
+    one flag for both towers."""
     tv = registry.vision(target)
     if tv is None:
-        raise UsageError(f"--with-vision writes a whole CLIP as openai, open_clip or hf, not {target.name}")
-    ref_source, ref_reads, _ = read_input(reference, None, {}, registry)
-    rv = registry.vision(ref_reads[0].layout)
-    if rv is None:
-        raise UsageError(f"--with-vision {reference}: a {ref_reads[0].layout.name} file holds no vision tower",
-                         "use a full CLIP: OpenAI .pt, open_clip, or a transformers CLIPModel")
-    try:
-        vread = plan_read(ref_source, rv, rv.layout.slots["vision"])
-    except LayoutError as e:
-        raise UsageError(f"--with-vision {reference}: no complete ViT vision tower ({e.message})",
-                         "ResNet CLIPs are not supported; use a ViT CLIP")
-    varch = infer_arch(rv.family, vread.shapes, vread.layers, f"{reference} (vision): ")
-    ref_text = analyse(ref_source, ref_reads, {})[0]
-    cfg = ref_source.read_json(ref_reads[0].folder + "config.json") if ref_source.is_folder else None
-    vact = configs.read_hf_clip_vision_act(cfg) or ref_text.params["act"]
-    if vact not in rv.family.act_choices:
-        raise InputError(f"{reference}: its config says the vision tower runs {vact!r}, which sdconv does not serve",
-                         f"known: {', '.join(rv.family.act_choices)}")
-    if varch["width"] % rv.family.head_width:
-        raise InputError(f"{reference}: a vision width of {varch['width']} is not a multiple of the head width "
-                         f"{rv.family.head_width}", "sdconv cannot tell the vision tower's heads")
-    vparams = {"heads": varch["width"] // rv.family.head_width, "act": vact}
+        raise UsageError(f"a whole CLIP (--with-vision, --whole-clip) is written as openai, open_clip or hf, "
+                         f"not {target.name}", "choose one of them with --to")
+    if own is None:
+        ref_source, ref_reads, _ = read_input(reference, None, {}, registry)
+        ref_text = analyse(ref_source, ref_reads, {})[0]
+    else:
+        ref_source, ref_text = own
+    v = read_vision(ref_source, ref_text, registry, f"--with-vision {reference}")
+    varch, vparams = v.arch, v.params
     if varch["proj"] != text.arch.get("proj"):
         raise UsageError(f"the vision projection has {varch['proj']} outputs, the text projection "
                          f"{text.arch.get('proj')}: they must match", "use one reference for both")
-    acts = {text.params["act"], vact}
+    acts = {text.params["act"], vparams["act"]}
     if not force_activation:
         if target.name == "openai" and acts != {"quick_gelu"}:
             raise UsageError(f"OpenAI's clip runs QuickGELU, and these towers use {' and '.join(sorted(acts))}",
                              "write --to open_clip or hf, or pass --force-activation")
         if target.name == "open_clip" and len(acts) > 1:
             raise UsageError("open_clip has one activation flag for both towers; the text tower uses "
-                             f"{text.params['act']} and the vision tower {vact}", "write --to hf, or pass --force-activation")
-    ops, buffers, _, _ = plan_write(tv, tv.layout.slots["vision"], vread.shapes, vread.layers, str(reference))
-    return VisionPlan(ref_source, vread, varch, vparams, tv, ops, buffers, sha256_of(ref_source.files()))
+                             f"{text.params['act']} and the vision tower {vparams['act']}",
+                             "write --to hf, or pass --force-activation")
+    ops, buffers, _, _ = plan_write(tv, tv.layout.slots["vision"], v.read.shapes, v.read.layers, str(reference))
+    return VisionPlan(ref_source, v.read, varch, vparams, tv, ops, buffers, sha256_of(ref_source.files()),
+                      v.origin, v.notes)

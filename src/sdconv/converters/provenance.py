@@ -58,9 +58,16 @@ def ledger(plan: Plan, strip: str = "", only: EncoderPlan | None = None) -> dict
     if plan.vision is not None and only is None:
         v = plan.vision
         for op in v.ops:
-            for key in op.keys:
-                tensors[key] = {"origin": "reference", "file": Path(v.source.path).name, "sha256": v.sha256,
-                                "source": [k for c in op.canonical for k in v.read.op_for(c).keys]}
+            rops = [v.read.op_for(c) for c in op.canonical]
+            if v.source is plan.source:         # a whole CLIP's own tower (--whole-clip)
+                steps = [*dict.fromkeys(r.transform for r in rops if r.transform != "rename"),
+                         *([f"inverse of {op.transform}"] if op.transform != "rename" else [])]
+                entry = {"origin": "checkpoint", "source": list(dict.fromkeys(k for r in rops for k in r.keys)),
+                         "transform": " then ".join(steps) or "rename"}
+            else:       # (a fused key is named once per tensor it holds, as outputs have always said)
+                entry = {"origin": "reference", "file": Path(v.source.path).name, "sha256": v.sha256,
+                         "source": [k for r in rops for k in r.keys]}
+            tensors.update({key: entry for key in op.keys})
     return {"version": LEDGER_VERSION, "tensors": tensors,
             "repairs": [r for e in plan.encoders if only is None or e is only for r in e.repairs],
             "warnings": [w for e in plan.encoders if only is None or e is only for w in e.warnings]}

@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import MappingError, UsageError
+from .configs import SLOT_FORMATS
 from .schema import Family, Layout, Naming, Slot, parse_family, parse_layout, parse_naming
 from .yamlload import load_yaml
 
@@ -121,6 +122,10 @@ class Registry:
             if act is not None and act not in fam.act_choices:
                 raise MappingError(p, s.lines.get("params", 0), f"encoder {s.name}: activation {act!r} is not one "
                                                                 f"of {list(fam.act_choices)}")
+            if lay.output == "folder" and s.config is not None and SLOT_FORMATS[s.config.format].write is None:
+                raise MappingError(p, s.lines.get("config", 0), f"encoder {s.name}: config format "
+                                   f"{s.config.format!r} is read from inputs, never written; a folder layout "
+                                   f"writes its slots' configs", "use output: file, or another format")
             for b in s.buffers:
                 if b not in nm.buffers:
                     raise MappingError(p, 0, f"encoder {s.name}: naming {nm.name} has no buffer {b!r}")

@@ -232,6 +232,11 @@ class Value:
             self.fail("one of " + ", ".join(map(str, choices)))
         return v
 
+    def flag(self) -> bool:
+        if not isinstance(self.raw, bool):
+            self.fail("true or false")
+        return self.raw
+
     def strings(self, most: int = 4096) -> list[str]:
         return [x.text(most=most) for x in self.array()]
 
