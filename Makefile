@@ -23,7 +23,7 @@ help:
 $(VENV)/.run-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN) -e .
+	$(PY) -m pip install -q $(TORCH_PIN) -e ".[remote]"
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.run-installed pyproject.toml

@@ -19,7 +19,6 @@ from .converters.detect import read_layout
 from .converters.engine import make_plans
 from .converters.execute import stream
 from .converters.folders import open_source
-from .converters.hashing import sha256_of
 from .converters.leases import Snapshot
 from .converters.arch import infer_arch
 from .converters.plan import plan_write
@@ -124,7 +123,7 @@ def _write_back(wb: WriteBack):
                         lambda: ((k, ck.load(k)) for k in kept))
     meta = dict(ck.metadata())            # the checkpoint's own metadata, unchanged
     meta.update({metakeys.INTO: json.dumps({"checkpoint": wb.checkpoint.name, "encoders": wb.records,
-                                            "encoder_sha256": sha256_of(wb.plan.source.files())}, sort_keys=True)})
+                                            "encoder_sha256": wb.plan.source.sha256()}, sort_keys=True)})
     with AtomicOutput(wb.output, False, wb.force, protect=[*wb.plan.inputs(), wb.checkpoint]) as tmp:
         save_tensors(TensorStream.concat([keep, *wb.streams]), tmp, "safetensors", meta)
         unchanged.check()

@@ -111,6 +111,30 @@ def run():
     os._exit(code)
 
 
+def _transfer(ctx, param, value):
+    """Each remote option, as it is parsed, sets this run's transfer settings (remote_sources)."""
+    from ..converters import remote_sources
+    remote_sources.configure(**{param.name: value, "show_progress": sys.stderr.isatty()})
+    return value
+
+
+def remote_options(command):
+    """--timeout, --retries and --download: how URL and hf:// inputs are fetched."""
+    for opt in reversed([
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, metavar="SECONDS",
+                     expose_value=False, callback=_transfer,
+                     help="URL and hf:// inputs: seconds to wait to connect, and between two reads."),
+        click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True, expose_value=False,
+                     callback=_transfer, help="URL and hf:// inputs: attempts after the first, per range, on "
+                                              "connection errors, 429 and 5xx (with backoff; a range resumes)."),
+        click.option("--download", is_flag=True, expose_value=False, callback=_transfer,
+                     help="URL inputs that cannot be read by byte ranges (a server that ignores Range): fetch "
+                          "the whole file to a temporary file first."),
+    ]):
+        command = opt(command)
+    return command
+
+
 def registry():
     """The registry for this run: built-in mappings plus --mappings and SDCONV_MAPPINGS folders."""
     from ..converters.registry import Registry

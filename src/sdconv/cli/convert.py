@@ -8,10 +8,11 @@ from ..converters.dtypes import DTYPE_CHOICES
 from ..errors import UsageError
 from ..options import AUTO, FORMATS
 from . import render
-from .app import EXIT_CODES, main, parse_params, registry
+from .app import EXIT_CODES, main, parse_params, registry, remote_options
 
 
 @main.command(epilog=EXIT_CODES)
+@remote_options
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=False, dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Output file or folder; with several inputs (or a folder of checkpoints, a glob, or a path "

@@ -6,10 +6,11 @@ import click
 
 from ..options import AUTO
 from . import render
-from .app import EXIT_CODES, main, registry
+from .app import EXIT_CODES, main, registry, remote_options
 
 
 @main.command(epilog=EXIT_CODES)
+@remote_options
 @click.argument("input", type=click.Path())
 @click.option("--from", "from_", default=AUTO, show_default=True, metavar="LAYOUT|auto",
               help="Input layout; auto detects it.")

@@ -6,10 +6,11 @@ import sys
 import click
 
 from . import render
-from .app import EXIT_CODES, main, parse_params, registry
+from .app import EXIT_CODES, main, parse_params, registry, remote_options
 
 
 @main.command(epilog=EXIT_CODES)
+@remote_options
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--encoder", default=None, metavar="NAME", help="Which encoder, when a file holds several.")

@@ -23,7 +23,10 @@ class Graft:
     source: Source
     op: ReadOp                  # the reference's
     layout: str
-    sha256: str
+
+    @property
+    def sha256(self) -> str:
+        return self.source.sha256()
 
     def record(self) -> dict:
         return {"file": Path(self.source.path).name, "sha256": self.sha256, "key": self.op.keys[0],
@@ -40,9 +43,12 @@ class VisionPlan:
     target: ResolvedLayout      # the target layout's vision side
     ops: list[WriteOp]
     buffers: list[BufferOp]
-    sha256: str
     origin: dict = field(default_factory=dict)      # where heads and act came from
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return self.source.sha256()
 
 
 @dataclass
@@ -168,6 +174,22 @@ class Plan:
     @property
     def bytes_to_read(self) -> int:
         return sum(e.read.bytes_to_read for e in self.encoders)
+
+    def prefetch(self) -> None:
+        """Tell each source every tensor this plan will read, at once: a remote one fetches them in
+        few requests before the writing starts."""
+        wanted: dict = {}
+
+        def want(source, keys):
+            wanted.setdefault(id(source), (source, []))[1].extend(keys)
+        for e in self.encoders:
+            want(self.source, [k for op in e.read.ops if not set(op.canonical) & set(e.grafts) for k in op.keys])
+            for g in e.grafts.values():
+                want(g.source, g.op.keys)
+        if self.vision is not None:
+            want(self.vision.source, [k for op in self.vision.read.ops for k in op.keys])
+        for source, keys in wanted.values():
+            source.prefetch(keys)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .conversion import EncoderPlan, Plan, Result
 from .execute import SourceReader, stream
 from .folders import is_input
 from .grafts import own_projection, plan_grafts, plan_vision
-from .hashing import LateValue, late_sha256
+from .hashing import LateValue
 from .leases import Snapshot
 from .output import SlotOutput, write_layout, write_whole_clip
 from .plan import plan_write
@@ -183,7 +183,9 @@ def _convert(input, output: Path, o: ConvertOptions, registry: Registry, progres
         side = provenance.sidecar_path(p)
         beside = [side] if side is not None and not folder else []
         guards.append(AtomicOutput(p.output, folder, o.force, companions=beside, protect=p.inputs()))
-    sha = late_sha256(plans[0].source.files())        # in the background unless cached
+    for p in plans:                     # remote inputs: fetch what the plans read, in few requests
+        p.prefetch()
+    sha = plans[0].source.late_sha256()         # local files: hashed in the background unless cached
     if progress is not None:
         progress.reset(total=sum(p.bytes_to_write for p in plans))
     files = []

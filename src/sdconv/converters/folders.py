@@ -178,7 +178,10 @@ def open_source(path) -> Source:
 def is_input(source: Source, path) -> bool:
     """Does `path` name the input `source` was opened from: the same path, or the same files by
     another name (a symlink, a hard link, a folder and its weights file)? A file is compared
-    without being opened; a folder or shard index is opened (headers only)."""
+    without being opened; a folder or shard index is opened (headers only). A URL is the input
+    if the input was opened from the same URL."""
+    if is_remote(path) or is_remote(source.path):
+        return str(path) == str(source.path)
     path = Path(path)
     if not path.exists():
         return False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from ..errors import InputError, UsageError
 from .analyse import Found, analyse, read_input
-from .hashing import sha256_of
 from .arch import infer_arch
 from .plan import plan_write
 from .conversion import Graft, VisionPlan
@@ -26,7 +25,6 @@ def plan_grafts(found: list[Found], reference, replace: bool, allow_synthetic: b
     if not with_proj:
         raise UsageError(f"{reference}: its encoder has no text projection to graft",
                          "use a full CLIP (OpenAI, open_clip or transformers CLIPModel) as --projection")
-    sha = sha256_of(ref_source.files())
     for f in found:
         width = f.arch["width"]
         match = [r for r in with_proj if r.arch["width"] == width]
@@ -50,7 +48,7 @@ def plan_grafts(found: list[Found], reference, replace: bool, allow_synthetic: b
         for c in GRAFTED:
             if c in r.read.shapes:
                 op = r.read.op_for(c)
-                f.grafts[c] = Graft(ref_source, op, r.read.layout.name, sha)
+                f.grafts[c] = Graft(ref_source, op, r.read.layout.name)
                 f.read.shapes[c] = r.read.shapes[c]
         f.arch = infer_arch(f.read.layout.family, {**f.read.shapes}, f.read.layers)
         f.notes.append(f"grafted {', '.join(f.grafts)} from {reference} ({r.read.layout.name} "
@@ -96,5 +94,4 @@ def plan_vision(reference, target: ResolvedLayout, text: Found, force_activation
                              f"{text.params['act']} and the vision tower {vparams['act']}",
                              "write --to hf, or pass --force-activation")
     ops, buffers, _, _ = plan_write(tv, tv.layout.slots["vision"], v.read.shapes, v.read.layers, str(reference))
-    return VisionPlan(ref_source, v.read, varch, vparams, tv, ops, buffers, sha256_of(ref_source.files()),
-                      v.origin, v.notes)
+    return VisionPlan(ref_source, v.read, varch, vparams, tv, ops, buffers, v.origin, v.notes)

@@ -80,6 +80,7 @@ def metadata(plan: Plan, sha) -> dict:
         K.VERSION: __version__,
         K.SOURCE: Path(plan.source.path).name,
         K.SOURCE_SHA256: sha,
+        **plan.source.provenance(),
         K.FROM: plan.read.layout.name,
         K.TO: plan.target.name,
         K.ENCODERS: json.dumps({e.identity: {"slot": e.slot.name, "params": e.params, "arch": e.arch_out,

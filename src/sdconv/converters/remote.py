@@ -65,6 +65,7 @@ class Transfer:
     download: bool = False          # a server without Range support: take the whole file
     headers: dict = field(default_factory=dict)     # e.g. Authorization, for the Hub
     progress: object = None         # a tqdm-like bar: update(bytes)
+    show_progress: bool = False     # without `progress`: a bar of bytes fetched, per file (on a terminal)
 
 
 def _merge(ranges, gap: int) -> list[list[int]]:
@@ -89,6 +90,7 @@ class RemoteFile:
         self.bytes_received = 0
         self.requests = 0
         self._have: list[list[int]] = []
+        self._bar = None
         self._client = None
         self.fd = None
         self.size, self.validators = self._probe()
@@ -130,11 +132,27 @@ class RemoteFile:
             for s, e in self._missing(start, min(end, self.size)):
                 self._fetch(s, e)
 
+    def sha256_of_received(self) -> str:
+        """The sha256 of the bytes fetched so far, range after range in file order."""
+        import hashlib
+        h = hashlib.sha256()
+        for start, end in self._have:
+            for at in range(start, end, CHUNK):
+                h.update(os.pread(self.fd, min(CHUNK, end - at), at))
+        return h.hexdigest()
+
+    def received_ranges(self) -> str:
+        """The byte ranges fetched so far, as `start-end` (end exclusive), comma-separated."""
+        return ",".join(f"{s}-{e}" for s, e in self._have)
+
     def pread(self, n: int, offset: int) -> bytes:
         self.ensure([(offset, offset + n)])
         return os.pread(self.fd, n, offset)
 
     def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -232,6 +250,17 @@ class RemoteFile:
             finally:
                 r.close()
 
+    def _progress(self, n: int):
+        bar = self.transfer.progress
+        if bar is None and self.transfer.show_progress:
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(unit="B", unit_scale=True, desc=f"fetching {self.name.rsplit('/', 1)[-1]}",
+                                 leave=False, delay=1.0)
+            bar = self._bar
+        if bar is not None:
+            bar.update(n)
+
     def _receive(self, r, start: int, end: int) -> int:
         """Stream a response body into the mirror at `start`; the position reached."""
         pos = self._received_to = start
@@ -243,8 +272,7 @@ class RemoteFile:
             self._mark(pos, pos + len(chunk))
             pos = self._received_to = pos + len(chunk)
             self.bytes_received += len(chunk)
-            if self.transfer.progress is not None:
-                self.transfer.progress.update(len(chunk))
+            self._progress(len(chunk))
         if pos < end:
             raise _short(pos)
         return pos

@@ -5,25 +5,62 @@ fetched when a reader asks for it, or ahead, all at once, when a plan knows what
 `configure`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import UsageError
+from . import metakeys as K
 from .remote import RemoteFile, Transfer, is_remote, public_url
+from .pickles import PickleSource
 from .sources import PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource
 
 _SETTINGS = {"transfer": Transfer()}
 
 
-def configure(transfer: Transfer) -> None:
-    """How this run's remote inputs are fetched (the command line's --timeout, --download, progress)."""
-    _SETTINGS["transfer"] = transfer
+def configure(**fields) -> None:
+    """How this run's remote inputs are fetched: Transfer fields (the command line's --timeout,
+    --retries, --download; a progress bar on a terminal)."""
+    _SETTINGS["transfer"] = Transfer(**{**_SETTINGS["transfer"].__dict__, **fields})
 
 
-class RemoteSafetensorsSource(SafetensorsSource):
+class RemoteInput:
+    """What every remote source answers the same way: no local files (nothing to protect,
+    snapshot or hash), its size as the server states it, and its provenance."""
+    remote: RemoteFile
+    origin: dict                        # url, etag, and the sha256 the server states, if it does
+
+    def files(self):
+        return []
+
+    def size_bytes(self) -> int:
+        return self.remote.size
+
+    def sha256(self) -> str:
+        """The sha256 the server states for the file (the Hub's, of an LFS file), else that of the
+        bytes read so far (provenance() says which)."""
+        return self.remote.stated_sha256 or self.remote.sha256_of_received()
+
+    def late_sha256(self):
+        return self.sha256()                # asked once the plans' tensors are fetched
+
+    def provenance(self) -> dict:
+        if self.remote.stated_sha256:
+            covers = "the file (as the server states it)"
+        elif self.remote.received_ranges() == f"0-{self.remote.size}":
+            covers = "the file (all of it was read)"
+        else:
+            covers = "the bytes read, not the whole file: " + self.remote.received_ranges()
+        out = {K.SOURCE_URL: self.origin["url"], K.SOURCE_SHA256_OF: covers}
+        if self.origin.get("etag"):
+            out[K.SOURCE_ETAG] = self.origin["etag"]
+        return out
+
+
+class RemoteSafetensorsSource(RemoteInput, SafetensorsSource):
     """A remote .safetensors file: the local reader over a mirror filled on demand."""
 
     def __init__(self, remote: RemoteFile, origin: dict):
-        self.remote = remote
+        self.remote, self.origin = remote, origin
         self.path = remote.name
-        self.origin = origin                # url, etag, and the sha256 the server states, if it does
         self._parse_header(remote.pread, remote.size)
 
     def byte_range(self, key: str) -> tuple[int, int]:
@@ -45,14 +82,19 @@ class RemoteSafetensorsSource(SafetensorsSource):
         self._fd = self.remote.fd
         return self._fd
 
-    def files(self):
-        return []                           # nothing local to protect, snapshot or hash
-
-    def size_bytes(self) -> int:
-        return self.remote.size
-
     def __del__(self):
         pass                                # the RemoteFile owns (and closes) the mirror's descriptor
+
+
+class RemotePickleSource(RemoteInput, PickleSource):
+    """A remote torch pickle, fetched whole (--download) and read by the local reader: a zip's
+    storages are not yet read by ranges."""
+
+    def __init__(self, remote: RemoteFile, origin: dict):
+        remote.ensure([(0, remote.size)])
+        super().__init__(Path(f"/proc/self/fd/{remote.fd}"))
+        self.remote, self.origin = remote, origin
+        self.path = remote.name
 
 
 def open_remote(name: str):
@@ -73,7 +115,11 @@ def open_remote(name: str):
         origin.setdefault("etag", remote.validators[0])
         return RemoteSafetensorsSource(remote, origin)
     if path.endswith(PICKLE_EXT):
-        raise UsageError(f"{display}: torch pickles are not read over the network yet",
-                         "download the file, then convert it (or use a .safetensors release)")
+        if not transfer.download:
+            raise UsageError(f"{display}: a torch pickle is not read by byte ranges (yet)",
+                             "pass --download to fetch the whole file to a temporary file first")
+        remote = RemoteFile(url, transfer, name=display, stated_sha256=origin.get("sha256"))
+        origin.setdefault("etag", remote.validators[0])
+        return RemotePickleSource(remote, origin)
     raise UsageError(f"{display}: sdconv reads .safetensors files from URLs",
                      "name the weights file itself (folders on the Hub: name their model.safetensors)")

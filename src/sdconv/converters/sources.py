@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import InputError, MalformedInputError
 from . import dtypes, leases, untrusted
+from .hashing import late_sha256, sha256_of
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -84,6 +85,20 @@ class Source:
 
     def files(self) -> list[Path]:
         return [self.path]
+
+    def sha256(self) -> str:
+        """The input's sha256, for provenance: of its files, in order (cached on disk by hashing.py)."""
+        if getattr(self, "_sha256", None) is None:
+            self._sha256 = sha256_of(self.files())
+        return self._sha256
+
+    def late_sha256(self):
+        """sha256(), or a LateValue computing it while a conversion runs (unless it is cached)."""
+        return late_sha256(self.files())
+
+    def provenance(self) -> dict:
+        """Metadata on where the input came from besides its name and sha256 (a URL's address, ETag)."""
+        return {}
 
     def size_bytes(self) -> int:
         """The input's size: its files' (a remote file's as its server states it)."""
