@@ -62,7 +62,7 @@ def expand(inputs) -> tuple[list[Path], bool]:
 
 
 def output_for(inp: Path, out_dir: Path, folder_layout: bool, fmt: str | None) -> Path:
-    stem = inp.name if inp.is_dir() else inp.stem
+    stem = inp.name if not is_remote(inp) and inp.is_dir() else inp.stem
     if folder_layout:
         return out_dir / stem
     return out_dir / (stem + (".pt" if fmt == "pt" else ".safetensors"))
@@ -161,7 +161,8 @@ def run_batch(inputs: list[Path], out_dir: Path, options: ConvertOptions, *, con
             continue
         made = _existing_outputs(out, registry)
         same = [_made_by_sdconv_with(p, options.record()) for p in made]
-        fresh = made and all(same) and min(_newest_mtime(p) for p in made) >= _newest_mtime(inp)
+        # a URL's file cannot be dated without asking its server: it is converted again
+        fresh = made and all(same) and not is_remote(inp) and min(_newest_mtime(p) for p in made) >= _newest_mtime(inp)
         if fresh and not force:
             rec = Record(str(inp), "skipped", [str(p) for p in made], reason="up to date (same options, newer)")
         elif made and any(s is None for s in same) and not force:

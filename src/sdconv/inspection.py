@@ -18,6 +18,8 @@ from .errors import MalformedInputError, SdconvError
 from .converters.synthetic import findings, position_ids_health, projection_look, scalar
 
 INSPECT_VERSION = 1
+REMOTE_NOTE = ("a remote input: its header and a few scalars were read, not its weights; the checks that read "
+               "weights (an identity projection, copied blocks) run when it is converted")
 
 
 def _architecture(family, arch: dict) -> str:
@@ -57,7 +59,10 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
                 n *= d
             params += n
         proj = {"present": False}
-        look = projection_look(source, rp)
+        if source.costly_reads:     # the projection's key from the plan, its weights unread
+            look = next(((op.keys[0], "not read") for op in rp.ops if "text_proj.weight" in op.canonical), None)
+        else:
+            look = projection_look(source, rp)
         if look is not None:
             proj = {"present": True, "dim": f.arch.get("proj"), "key": look[0], "looks_like": look[1]}
         logit = scalar(source, rp, "logit_scale")
@@ -75,8 +80,8 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
             "param_origin": f.param_origin, "absent_last_blocks": f.absent_last,
             "dtypes": dtypes, "parameters": params, "bytes": sum(i.nbytes for i in infos),
             "projection": proj, "logit_scale": logit, "position_ids": pid,
-            "synthetic": findings(source, rp),
-            "notes": rp.notes + f.notes + f.warnings,
+            "synthetic": [] if source.costly_reads else findings(source, rp),
+            "notes": rp.notes + f.notes + f.warnings + ([REMOTE_NOTE] if source.costly_reads else []),
         })
     components: dict = {}
     for k in source.keys():

@@ -9,16 +9,18 @@ import re
 
 from ..errors import RemoteError, UsageError
 
-_NAME = re.compile(r"hf://(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)", re.IGNORECASE)
+_NAME = re.compile(r"hf://(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<path>.*))?", re.IGNORECASE)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def parse(name: str) -> tuple[str, str, str]:
-    """(repo id, revision, path in the repository) of hf://ORG/REPO[@REVISION]/PATH."""
+    """(repo id, revision, path in the repository: '' for the whole repository) of
+    hf://ORG/REPO[@REVISION][/PATH]."""
     m = _NAME.fullmatch(name)
-    if not m or any(p in ("", ".", "..") for p in m["path"].split("/")):
-        raise UsageError(f"{name}: not a Hub file name", "write hf://ORG/REPO/PATH or hf://ORG/REPO@REVISION/PATH")
-    return m["repo"], m["rev"] or "main", m["path"]
+    path = (m["path"] or "").strip("/") if m else ""
+    if not m or (path and any(p in ("", ".", "..") for p in path.split("/"))):
+        raise UsageError(f"{name}: not a Hub name", "write hf://ORG/REPO/PATH or hf://ORG/REPO@REVISION/PATH")
+    return m["repo"], m["rev"] or "main", path
 
 
 def _hub():
@@ -29,18 +31,11 @@ def _hub():
     return huggingface_hub
 
 
-def resolve(name: str) -> tuple[str, dict, dict, str]:
-    """(the URL to read, the request headers (the token), the origin to record, the name to show)."""
-    hub = _hub()
-    from huggingface_hub import constants, errors
-    from huggingface_hub.utils import build_hf_headers
-    repo, revision, path = parse(name)
-    if constants.HF_HUB_OFFLINE:
-        raise RemoteError(f"{name}: HF_HUB_OFFLINE is set", "unset it to read from the Hub")
-    headers = build_hf_headers()
-    url = hub.hf_hub_url(repo, path, revision=revision, endpoint=constants.ENDPOINT)
+def _errors(name: str, repo: str, revision: str, path: str, call):
+    """call(), its huggingface_hub errors made one line each."""
+    from huggingface_hub import errors
     try:
-        meta = hub.get_hf_file_metadata(url, headers=headers, retry_on_errors=True)
+        return call()
     except errors.GatedRepoError:
         raise RemoteError(f"{name}: the repository is gated", "accept its terms on the Hub and set HF_TOKEN") from None
     except errors.RepositoryNotFoundError:
@@ -57,6 +52,47 @@ def resolve(name: str) -> tuple[str, dict, dict, str]:
     except Exception as e:          # connection errors, after huggingface_hub's own retries
         raise RemoteError(f"{name}: the Hub could not be reached ({type(e).__name__})",
                           "check the network and HF_ENDPOINT") from None
+
+
+def folder(name: str) -> tuple[str, list[tuple[str, str, int, str | None]], dict]:
+    """A folder of a Hub repository (the whole repository with no PATH): (the name to record,
+    hf://ORG/REPO@COMMIT/PATH; [(path under the folder, its URL at that commit, size, the LFS
+    sha256 or None)], the request headers)."""
+    hub = _hub()
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import build_hf_headers
+    repo, revision, path = parse(name)
+    if constants.HF_HUB_OFFLINE:
+        raise RemoteError(f"{name}: HF_HUB_OFFLINE is set", "unset it to read from the Hub")
+    api = hub.HfApi(endpoint=constants.ENDPOINT)
+    commit = _errors(name, repo, revision, path, lambda: api.model_info(repo, revision=revision).sha) or revision
+    tree = _errors(name, repo, revision, path, lambda: list(api.list_repo_tree(
+        repo, path_in_repo=path or None, recursive=True, revision=commit)))
+    files = []
+    for e in tree:
+        if isinstance(e, RepoFile):
+            rel = e.path[len(path) + 1:] if path else e.path
+            files.append((rel, hub.hf_hub_url(repo, e.path, revision=commit, endpoint=constants.ENDPOINT), e.size,
+                          e.lfs.sha256 if e.lfs is not None else None))
+    if not files:
+        raise RemoteError(f"{name}: no files there", "check the path in the repository")
+    headers = {k: v for k, v in build_hf_headers().items() if k.lower() in ("authorization", "user-agent")}
+    return f"hf://{repo}@{commit}" + (f"/{path}" if path else ""), files, headers
+
+
+def resolve(name: str) -> tuple[str, dict, dict, str]:
+    """(the URL to read, the request headers (the token), the origin to record, the name to show)."""
+    hub = _hub()
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers
+    repo, revision, path = parse(name)
+    if constants.HF_HUB_OFFLINE:
+        raise RemoteError(f"{name}: HF_HUB_OFFLINE is set", "unset it to read from the Hub")
+    headers = build_hf_headers()
+    url = hub.hf_hub_url(repo, path, revision=revision, endpoint=constants.ENDPOINT)
+    meta = _errors(name, repo, revision, path, lambda: hub.get_hf_file_metadata(url, headers=headers,
+                                                                           retry_on_errors=True))
     commit = meta.commit_hash or revision
     etag = meta.etag or None
     sha = etag if etag and _SHA256.fullmatch(etag) else None

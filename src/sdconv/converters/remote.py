@@ -186,10 +186,7 @@ class RemoteFile:
 
     def _http(self):
         if self._client is None:
-            try:
-                import httpx2
-            except ImportError:
-                raise UsageError("reading URLs needs the remote extra", "pip install 'sdconv[remote]'") from None
+            httpx2 = _httpx()
             t = self.transfer.timeout
             self._client = httpx2.Client(follow_redirects=True, timeout=httpx2.Timeout(t, connect=t),
                                          headers={"Accept-Encoding": "identity", **self.transfer.headers})
@@ -197,7 +194,7 @@ class RemoteFile:
 
     def _request(self, start: int, end: int, first: bool = False):
         """A streamed GET of bytes [start, end), retried on connection errors, 429 and 5xx."""
-        import httpx2
+        httpx2 = _httpx()
         attempt = 0
         while True:
             self.requests += 1
@@ -227,7 +224,7 @@ class RemoteFile:
 
     def _fetch(self, start: int, end: int):
         """Bytes [start, end) into the mirror; a transfer that breaks resumes where it broke."""
-        import httpx2
+        httpx2 = _httpx()
         pos, attempt = start, 0
         while pos < end:
             r = self._request(pos, end)
@@ -278,9 +275,16 @@ class RemoteFile:
         return pos
 
 
+def _httpx():
+    try:
+        import httpx2
+    except ImportError:
+        raise UsageError("reading URLs needs the remote extra", "pip install 'sdconv[remote]'") from None
+    return httpx2
+
+
 def _short(pos):
-    import httpx2
-    return httpx2.RemoteProtocolError(f"the body ended at byte {pos}")
+    return _httpx().RemoteProtocolError(f"the body ended at byte {pos}")
 
 
 def _int(v) -> int | None:

@@ -5,15 +5,23 @@ fetched when a reader asks for it, or ahead, all at once, when a plan knows what
 `configure`."""
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
 from . import metakeys as K
-from .remote import RemoteFile, Transfer, is_remote, public_url
+from .remote import RemoteFile, RemoteName, Transfer, is_remote, public_url
+from . import untrusted
+from .folders import STAND_INS, FolderSource
 from .pickles import PickleSource
 from .sources import PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource
 
 _SETTINGS = {"transfer": Transfer()}
+# the text files of a remote folder copied into its skeleton (configs, shard indexes, tokenizers)
+SMALL_FILES = (".json", ".txt")
+SMALL_BYTES = 4 << 20
 
 
 def configure(**fields) -> None:
@@ -27,6 +35,7 @@ class RemoteInput:
     snapshot or hash), its size as the server states it, and its provenance."""
     remote: RemoteFile
     origin: dict                        # url, etag, and the sha256 the server states, if it does
+    costly_reads = True                 # inspect reads the header and scalars only
 
     def files(self):
         return []
@@ -60,7 +69,7 @@ class RemoteSafetensorsSource(RemoteInput, SafetensorsSource):
 
     def __init__(self, remote: RemoteFile, origin: dict):
         self.remote, self.origin = remote, origin
-        self.path = remote.name
+        self.path = RemoteName(remote.name)
         self._parse_header(remote.pread, remote.size)
 
     def byte_range(self, key: str) -> tuple[int, int]:
@@ -94,7 +103,82 @@ class RemotePickleSource(RemoteInput, PickleSource):
         remote.ensure([(0, remote.size)])
         super().__init__(Path(f"/proc/self/fd/{remote.fd}"))
         self.remote, self.origin = remote, origin
-        self.path = remote.name
+        self.path = RemoteName(remote.name)
+
+
+class RemoteFolderSource(RemoteInput, FolderSource):
+    """A folder of a Hub repository (a diffusers pipeline, its text_encoder/, a transformers
+    model): a local skeleton of it, made in a temporary folder removed at exit, holds its small
+    text files (configs, shard indexes) and an empty stand-in for each weights file, which opens
+    as a remote source. Only headers and the tensors read travel, as for one file."""
+
+    def __init__(self, name: str, transfer: Transfer):
+        from .hub import folder
+        recorded, files, headers = folder(name)
+        transfer = Transfer(**{**transfer.__dict__, "headers": {**transfer.headers, **headers}})
+        root = Path(tempfile.mkdtemp(prefix="sdconv-remote-"))
+        atexit.register(shutil.rmtree, root, True)
+        self._parts_remote: list = []
+        with_safetensors = {_parent(rel) for rel, *_ in files if rel.endswith(SAFETENSORS_EXT)}
+        for rel, url, size, sha in files:
+            local = untrusted.within(root, rel)
+            if local is None:
+                continue
+            weights = rel.endswith(SAFETENSORS_EXT + PICKLE_EXT)
+            if rel.endswith(PICKLE_EXT) and _parent(rel) in with_safetensors:
+                continue            # pickles beside safetensors: never opened
+            if not weights and (not rel.endswith(SMALL_FILES) or size > SMALL_BYTES):
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if weights:
+                local.touch()
+                STAND_INS[str(local)] = self._opener(url, f"{name.rstrip('/')}/{rel}", transfer, sha)
+            else:
+                local.write_bytes(RemoteFile(url, transfer, name=f"{name.rstrip('/')}/{rel}").pread(size, 0)
+                                  if size else b"")
+        self.remote = None
+        self.origin = {"url": recorded}
+        super().__init__(root)
+        self.root, self.path = root, RemoteName(name)
+
+    def _opener(self, url, display, transfer, sha):
+        def open_it():
+            remote = RemoteFile(url, transfer, name=display, stated_sha256=sha)
+            self._parts_remote.append(remote)
+            origin = {"url": display, "etag": remote.validators[0]}
+            return (RemoteSafetensorsSource if display.endswith(SAFETENSORS_EXT) else RemotePickleSource)(remote, origin)
+        return open_it
+
+    def read_json(self, rel):
+        p = self.root / rel
+        return untrusted.read_json(p) if p.is_file() else None
+
+    def prefetch(self, keys) -> None:
+        by_part: dict = {}
+        for k in keys:
+            src, key = self._where[k]
+            by_part.setdefault(id(src), (src, []))[1].append(key)
+        for src, ks in by_part.values():
+            src.prefetch(ks)
+
+    def size_bytes(self) -> int:
+        return sum(p.size_bytes() for p in self._parts.values())
+
+    def sha256(self) -> str:
+        """Of the weight files read: each one's name and sha256 (as provenance() says), a line each."""
+        import hashlib
+        lines = "".join(f"{pre or './'} {p.sha256()}\n" for pre, p in sorted(self._parts.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+    def provenance(self) -> dict:
+        return {K.SOURCE_URL: self.origin["url"],
+                K.SOURCE_SHA256_OF: "the lines 'FOLDER/ SHA256' of its weight files, each sha256 "
+                                    + "; ".join(f"{pre or './'}: {p.provenance()[K.SOURCE_SHA256_OF]}"
+                                                for pre, p in sorted(self._parts.items()))}
+
+
+def _parent(rel: str) -> str:
+    return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
 
 def open_remote(name: str):
@@ -102,6 +186,9 @@ def open_remote(name: str):
     if not is_remote(name):
         raise UsageError(f"{name}: not a URL")
     transfer = _SETTINGS["transfer"]
+    if name.lower().startswith("hf://") and not name.split("?", 1)[0].rstrip("/").endswith(
+            SAFETENSORS_EXT + PICKLE_EXT):
+        return RemoteFolderSource(name, transfer)
     if name.lower().startswith("hf://"):
         from .hub import resolve
         url, headers, origin, display = resolve(name)

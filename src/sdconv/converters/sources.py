@@ -61,6 +61,7 @@ class Source:
     is_folder = False
     container = "?"
     _fd: int | None = None                    # the file, opened for reads
+    costly_reads = False                      # a remote input: inspect reads no weights
     _span: tuple[int, int] | None = None      # addresses of a map of the whole file, if any
 
     def keys(self) -> list[str]: ...
