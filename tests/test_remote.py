@@ -101,6 +101,7 @@ def test_a_url_gives_the_tensors_of_the_local_file_and_only_its_encoders_bytes_t
     need = _encoder_bytes(files / "sd1.safetensors", ("cond_stage_model.",))
     assert sent <= 1.05 * need + SLACK, (sent, need)
     assert sent < (files / "sd1.safetensors").stat().st_size / 3
+    assert srv.stats.count("/sd1.safetensors") <= 6, srv.stats.calls      # coalesced: few requests
     weights = r.files[0] if suffix else next(p for p in r.files if p.suffix == ".safetensors")
     meta = _metadata(weights)
     assert meta[K.SOURCE_URL] == srv.url_for("sd1.safetensors") and meta[K.SOURCE_ETAG]
@@ -275,3 +276,9 @@ def test_hf_diffusers_repository_folder(files, hub, tmp_path):
 def test_hub_errors_are_one_line_each(hub, name, says):
     code, out = _cli("inspect", name)
     assert code == 7 and says in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_verify_a_url_against_the_local_file(files, srv):
+    code, out = _cli("verify", srv.url_for("sd1.safetensors"), files / "sd1.safetensors")
+    assert code == 0 and "verdict: identical" in out, out
+    assert srv.stats.count("/sd1.safetensors") <= 4          # the probe, the header, the encoder's ranges

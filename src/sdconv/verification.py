@@ -49,6 +49,7 @@ def load_side(path, from_=None, encoder=None, params=None, registry: Registry = 
     elif len(found) > 1:
         raise UsageError(f"{path} holds {len(found)} encoders: {', '.join(names)}", "choose one with --encoder NAME")
     f = found[0]
+    source.prefetch([k for op in f.read.ops for k in op.keys])     # a remote input: in few requests
     canon = load_canonical(source, f.read)
     dtypes: dict = {}
     for t in canon.values():
