@@ -282,3 +282,24 @@ def test_verify_a_url_against_the_local_file(files, srv):
     code, out = _cli("verify", srv.url_for("sd1.safetensors"), files / "sd1.safetensors")
     assert code == 0 and "verdict: identical" in out, out
     assert srv.stats.count("/sd1.safetensors") <= 4          # the probe, the header, the encoder's ranges
+
+
+def test_hf_sharded_transformers_repository(files, srv, monkeypatch, tmp_path):
+    """A transformers model repository whose weights are shards behind model.safetensors.index.json."""
+    convert(files / "sd1.safetensors", tmp_path / "hf", to="hf")
+    t = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    keys = sorted(t)
+    halves = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in halves.items():
+        save_file({k: t[k] for k in ks}, str(tmp_path / "hf" / name))
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, ks in halves.items() for k in ks}}))
+    srv.add_repo("org/te", tmp_path / "hf")
+    use_hub(monkeypatch, srv)
+    convert(tmp_path / "hf", tmp_path / "local.safetensors", to="openai")
+    convert("hf://org/te", tmp_path / "hub.safetensors", to="openai")
+    assert _tensors(tmp_path / "local.safetensors") == _tensors(tmp_path / "hub.safetensors")
+    shard_requests = [r for r in srv.stats.requests if "model-0000" in r.path or r.path.startswith("/_lfs/")]
+    assert len(shard_requests) <= 12, srv.stats.calls     # per shard: a probe, the header, its ranges (+ redirects)

@@ -51,6 +51,16 @@ class ShardedSource(Source):
     def raw(self, key):
         return self._where[key].raw(key)
 
+    def parts(self):
+        return list(self._shards.values())
+
+    def prefetch(self, keys) -> None:
+        by_shard: dict = {}
+        for k in keys:
+            by_shard.setdefault(id(self._where[k]), (self._where[k], []))[1].append(k)
+        for shard, ks in by_shard.values():
+            shard.prefetch(ks)
+
     def files(self):
         return [p for s in self._shards.values() for p in s.files()]
 
@@ -136,6 +146,9 @@ class FolderSource(Source):
 
     def files(self):
         return [p for s in self._parts.values() for p in s.files()]
+
+    def parts(self):
+        return list(self._parts.values())
 
 
 # files that stand for remote ones (a Hub folder's local skeleton): path -> opener of their Source

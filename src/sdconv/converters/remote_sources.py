@@ -164,17 +164,29 @@ class RemoteFolderSource(RemoteInput, FolderSource):
     def size_bytes(self) -> int:
         return sum(p.size_bytes() for p in self._parts.values())
 
+    def _rel(self, part) -> str:
+        """A weight file's path in the folder (text_encoder_2/model.safetensors)."""
+        return str(part.path)[len(str(self.path).rstrip("/")) + 1:]
+
+    def _files_read(self) -> list:
+        """The remote weight files opened, in name order (a shard index's shards included)."""
+        out, todo = [], list(self._parts.values())
+        while todo:
+            p = todo.pop(0)
+            out += [p] if isinstance(p, RemoteInput) else []
+            todo += p.parts()
+        return sorted(out, key=lambda p: str(p.path))
+
     def sha256(self) -> str:
-        """Of the weight files read: each one's name and sha256 (as provenance() says), a line each."""
+        """Of the weight files read: a line `NAME SHA256` for each (provenance() says what each covers)."""
         import hashlib
-        lines = "".join(f"{pre or './'} {p.sha256()}\n" for pre, p in sorted(self._parts.items()))
+        lines = "".join(f"{self._rel(p)} {p.sha256()}\n" for p in self._files_read())
         return hashlib.sha256(lines.encode()).hexdigest()
 
     def provenance(self) -> dict:
+        each = "; ".join(f"{self._rel(p)}: {p.provenance()[K.SOURCE_SHA256_OF]}" for p in self._files_read())
         return {K.SOURCE_URL: self.origin["url"],
-                K.SOURCE_SHA256_OF: "the lines 'FOLDER/ SHA256' of its weight files, each sha256 "
-                                    + "; ".join(f"{pre or './'}: {p.provenance()[K.SOURCE_SHA256_OF]}"
-                                                for pre, p in sorted(self._parts.items()))}
+                K.SOURCE_SHA256_OF: f"the lines 'NAME SHA256' of the weight files read, each sha256 of {each}"}
 
 
 def _parent(rel: str) -> str:

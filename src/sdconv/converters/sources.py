@@ -101,6 +101,10 @@ class Source:
         """Metadata on where the input came from besides its name and sha256 (a URL's address, ETag)."""
         return {}
 
+    def parts(self) -> list["Source"]:
+        """The sources this one is made of (a folder's weight files, an index's shards)."""
+        return []
+
     def size_bytes(self) -> int:
         """The input's size: its files' (a remote file's as its server states it)."""
         return sum(p.stat().st_size for p in self.files())
