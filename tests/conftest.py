@@ -25,7 +25,7 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 # The oracle tier: a test that imports a consumer library must be marked `oracle`, so that
 # -m "not oracle" (make test-fast) needs none of them. Checked for each test against the libraries
 # already imported before it, so the check is complete when the oracle tests are deselected.
-CONSUMERS = ("transformers", "open_clip", "clip", "diffusers", "torchvision", "torchmetrics")
+CONSUMERS = ("transformers", "open_clip", "clip", "diffusers", "torchvision", "torchmetrics", "peft")
 _LOADED_BEFORE = pytest.StashKey[frozenset]()
 
 
