@@ -14,7 +14,7 @@ from .converters.analyse import analyse, read_input
 from .converters.registry import DEFAULT, Registry
 from .converters.configs import image_geometry
 from .converters.vision import holds_vision, read_vision
-from .errors import MalformedInputError, SdconvError
+from .errors import LayoutError, MalformedInputError, SdconvError
 from .converters.synthetic import findings, position_ids_health, projection_look, scalar
 
 INSPECT_VERSION = 1
@@ -33,12 +33,29 @@ def _match(key: str, patterns) -> bool:
     return any(key.startswith(p) if p.endswith(".") else key == p for p in patterns)
 
 
+def _lora(input, from_, registry) -> dict | None:
+    """The description of a LoRA file, or None if no LoRA format reads it either."""
+    from .converters.lora import describe
+    if from_ is not None:
+        return None
+    try:
+        return describe(input, registry)
+    except LayoutError:
+        return None
+
+
 def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) -> dict:
     """What `input` holds, as a dict (the stable JSON of `sdconv inspect --json`; see
     docs/inspect-and-verify.md): its layout and the candidates tried, each encoder's architecture,
     parameters, dtypes, projection, logit_scale, position_ids health and synthetic-looking parts,
     the other components of the checkpoint, its metadata and the summary of an sdconv ledger."""
-    source, reads, verdicts = read_input(input, from_, {}, registry)
+    try:
+        source, reads, verdicts = read_input(input, from_, {}, registry)
+    except LayoutError as e:        # no checkpoint layout: a LoRA file?
+        lora = _lora(input, from_, registry)
+        if lora is None:
+            raise e
+        return {"inspect_version": INSPECT_VERSION, "file": str(input), "lora": lora}
     found = analyse(source, reads, {})
     family = reads[0].layout.family
     layout = reads[0].layout.layout

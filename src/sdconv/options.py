@@ -7,6 +7,7 @@ in the dtype table, once, and the command line offers exactly these.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -21,7 +22,7 @@ PARAM_NAMES = (*ENCODER_PARAMS, "encoder")      # what --param may say (encoder:
 AUTO = "auto"                                   # --from auto: detect the layout
 # options added after batch runs began recording them: left out of a record while off, so that
 # outputs made before still count as made with the same options
-_RECORDED_WHEN_SET = ("whole_clip",)
+_RECORDED_WHEN_SET = ("whole_clip", "lora", "lora_from")
 
 
 def check_params(params: Mapping | None) -> dict:
@@ -32,6 +33,26 @@ def check_params(params: Mapping | None) -> dict:
             raise UsageError(f"unknown parameter {k!r}", f"known: {', '.join(PARAM_NAMES)}")
         out[k] = v
     return out
+
+
+def parse_lora_spec(spec) -> tuple[str, float]:
+    """FILE[:SCALE], or (FILE, SCALE): the file and its scale (1.0 when left out)."""
+    if isinstance(spec, (tuple, list)):
+        path, scale = spec
+    else:
+        path, scale = str(spec), 1.0
+        head, sep, tail = path.rpartition(":")
+        if sep and head and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail):
+            path, scale = head, float(tail)
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise UsageError(f"--lora {spec!r}: the scale must be a finite number",
+                         "write FILE or FILE:SCALE, e.g. style.safetensors:0.8")
+    return str(path), scale
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +78,8 @@ class ConvertOptions:
     fix_position_ids: bool = False              # repair drifted or corrupt position_ids (recorded)
     strict: bool = False                        # warnings are errors
     force: bool = False                         # replace existing outputs
+    lora: tuple = ()                            # LoRAs to merge, in order: "FILE[:SCALE]" or (FILE, SCALE)
+    lora_from: str | None = None                # their format (kohya, diffusers, peft); None: detect it
 
     def __post_init__(self):
         if self.dtype not in DTYPE_CHOICES:
@@ -68,6 +91,9 @@ class ConvertOptions:
             object.__setattr__(self, "from_", None)
         if self.encoder == "":
             object.__setattr__(self, "encoder", None)
+        if isinstance(self.lora, (str, Path)):
+            object.__setattr__(self, "lora", (self.lora,))
+        object.__setattr__(self, "lora", tuple(parse_lora_spec(s) for s in self.lora))     # (FILE, SCALE) pairs
         if self.whole_clip and self.with_vision is not None:
             raise UsageError("--whole-clip takes the vision tower from the input itself; --with-vision names "
                              "another CLIP", "pass one of them")
@@ -82,6 +108,9 @@ class ConvertOptions:
             if f.name == "force" or (f.name in _RECORDED_WHEN_SET and not getattr(self, f.name)):
                 continue
             v = getattr(self, f.name)
+            if f.name == "lora":            # a file's sha256 too: another file of the same name is another LoRA
+                from .converters.hashing import sha256_of
+                v = [[p, s, sha256_of([p]) if Path(p).is_file() else None] for p, s in v]
             out[f.name] = dict(v) if f.name == "params" else (str(v) if isinstance(v, Path) else v)
         return out
 

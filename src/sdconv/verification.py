@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .converters import leases
 from .converters.analyse import analyse, read_input
 from .converters.execute import load_canonical
+from .converters.lora import apply as apply_lora, bind, read_lora
 from .converters.registry import DEFAULT, Registry
 from .converters.schema import LAYER
 from .converters.templates import layer_pattern
@@ -36,11 +37,13 @@ class Side:
     synthetic: list             # what looks fabricated (synthetic.findings, deep)
 
 
-def load_side(path, from_=None, encoder=None, params=None, registry: Registry = DEFAULT) -> Side:
-    """One side of a comparison: its encoder's canonical tensors, as stored, and what is known of it."""
+def load_side(path, from_=None, encoder=None, params=None, registry: Registry = DEFAULT, lora=(),
+              lora_from=None) -> Side:
+    """One side of a comparison: its encoder's canonical tensors, as stored (with `lora` merged,
+    in order), and what is known of it."""
     given = check_params(params)
     source, reads, _ = read_input(path, from_, given, registry)
-    found = analyse(source, reads, given)
+    every = found = analyse(source, reads, given)
     names = [f.identity for f in found]
     if encoder:
         found = [f for f in found if f.identity == encoder]
@@ -51,6 +54,9 @@ def load_side(path, from_=None, encoder=None, params=None, registry: Registry = 
     f = found[0]
     source.prefetch([k for op in f.read.ops for k in op.keys])     # a remote input: in few requests
     canon = load_canonical(source, f.read)
+    loras = [read_lora(spec, lora_from, registry) for spec in lora]
+    if loras:
+        canon = apply_lora(canon, bind(loras, [f], every, path)[f.identity])
     dtypes: dict = {}
     for t in canon.values():
         dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
@@ -104,24 +110,31 @@ def _stats(x, y) -> dict:
 
 
 def verify(a_path, b_path, *, encoder=None, from_a=None, from_b=None, params_a=None, params_b=None,
-           prompts=None, tokenizer=None, atol: float = 1e-5, registry: Registry = DEFAULT) -> dict:
+           prompts=None, tokenizer=None, atol: float = 1e-5, lora_a=(), lora_b=(), lora_from=None,
+           registry: Registry = DEFAULT) -> dict:
     """Are the text encoders in `a_path` and `b_path` the same model? Both run through the built-in
     CLIP forward pass (fp32) on fixed probes (and `prompts`: the built-in CLIP tokenizer's ids,
     or a transformers `tokenizer` folder's); the
     report (a dict, as `sdconv verify --json` prints it) has each side, the weights compared,
-    per-probe cosine and max-abs of each output, a `verdict` and an `exit_code` (0: the same)."""
+    per-probe cosine and max-abs of each output, a `verdict` and an `exit_code` (0: the same).
+    `lora_a`, `lora_b`: LoRAs (FILE[:SCALE]) merged into A, into B first (a LoRA's effect per block)."""
+    from .options import parse_lora_spec
+    la, lb = (tuple(parse_lora_spec(s) for s in ([x] if isinstance(x, str) else x)) for x in (lora_a, lora_b))
     try:
-        return _verify(a_path, b_path, encoder, from_a, from_b, params_a, params_b, prompts, tokenizer, atol, registry)
+        return _verify(a_path, b_path, encoder, from_a, from_b, params_a, params_b, prompts, tokenizer, atol, registry,
+                       (la, lb, lora_from))
     finally:
         leases.release_all()        # done reading: a lease kept would hold up whoever writes the files next
 
 
-def _verify(a_path, b_path, encoder, from_a, from_b, params_a, params_b, prompts, tokenizer, atol, registry) -> dict:
+def _verify(a_path, b_path, encoder, from_a, from_b, params_a, params_b, prompts, tokenizer, atol, registry,
+            loras) -> dict:
     import torch
 
     from .clip_forward import PROBE_ROWS, as_float32, encode, probe_ids
-    a = load_side(a_path, from_a, encoder, params_a, registry)
-    b = load_side(b_path, from_b, encoder, params_b, registry)
+    la, lb, lora_from = loras
+    a = load_side(a_path, from_a, encoder, params_a, registry, la, lora_from)
+    b = load_side(b_path, from_b, encoder, params_b, registry, lb, lora_from)
     w = compare_weights(a, b)
     report = {"a": _describe(a), "b": _describe(b), "weights": w, "atol": atol}
     if not w["same_shapes"]:

@@ -92,7 +92,7 @@ def plan_write_back(input, checkpoint, output, options: ConvertOptions | None = 
         slot = dataclasses.replace(e.slot, prefix=old.prefix)
         ops, buffers, _, _ = plan_write(plan.target, slot, e.read.shapes, e.read.layers, str(input), e.absent_last)
         removed |= set(old.keys)
-        streams.append(stream(e.reader(plan.source),
+        streams.append(stream(e.reader(plan.source, plan.dtype),
                               ops, buffers, e.arch))
         records[e.slot.name] = {"from": Path(plan.source.path).name, "prefix": old.prefix,
                                 "removed": len(old.keys), "written": len(ops) + len(buffers)}

@@ -39,6 +39,11 @@ from .app import EXIT_CODES, main, parse_params, registry, remote_options
               help="Assemble a whole CLIP for CLIPScore: this text tower, REF's vision tower, visual projection and "
                    "logit_scale, and REF's text projection. --to openai (write .pt; clip.load), open_clip (a folder "
                    "for create_model('local-dir:...')) or hf (a CLIPModel folder).")
+@click.option("--lora", "lora", multiple=True, metavar="FILE[:SCALE]",
+              help="Merge this text-encoder LoRA (kohya, diffusers or PEFT) into the encoder(s) before writing; "
+                   "SCALE 1.0 if left out; repeatable, applied in order (docs/lora.md).")
+@click.option("--lora-from", "lora_from", default=None, metavar="FORMAT",
+              help="The LoRAs' format (kohya, diffusers, peft); default: detect it.")
 @click.option("--whole-clip", is_flag=True,
               help="INPUT is a whole CLIP (OpenAI .pt, open_clip, transformers CLIPModel): write both its towers, "
                    "its projections and logit_scale, as --with-vision INPUT does. In a batch, each input is its own.")
@@ -59,6 +64,7 @@ from .app import EXIT_CODES, main, parse_params, registry, remote_options
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, replace_projection, allow_synthetic,
             with_vision, whole_clip, force_activation, fix_position_ids, strict, force, dry_run, quiet, into,
+            lora, lora_from,
             continue_on_error, report):
     """Convert the CLIP text encoder in INPUT to layout --to, written at OUTPUT.
 
@@ -81,6 +87,7 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
       sdconv convert v1-5.safetensors -o clip-l.safetensors --to openai --projection ViT-L-14.pt
       sdconv convert v1-5.safetensors -o sd15-clip.pt --to openai --with-vision ViT-L-14.pt
       sdconv convert ViT-L-14.pt -o clip-vit-l --to hf --whole-clip
+      sdconv convert sdxl.safetensors -o te --to diffusers --encoder all --lora style.safetensors:0.8
       sdconv convert sdxl.safetensors -o te --to diffusers --encoder all
       sdconv convert sdxl.safetensors -o g.safetensors --to open_clip --encoder clip_g
       sdconv convert sdxl.safetensors -o clip.safetensors --to openai --encoder all
@@ -97,7 +104,7 @@ def convert(inputs, output, to, from_, fmt, dtype, params, encoder, projection, 
     options = ConvertOptions(to=to, from_=from_, params=parse_params(params), fmt=fmt, dtype=dtype, encoder=encoder,
                              projection=projection, replace_projection=replace_projection,
                              allow_synthetic=allow_synthetic, with_vision=with_vision,
-                             whole_clip=whole_clip, force_activation=force_activation,
+                             whole_clip=whole_clip, force_activation=force_activation, lora=lora, lora_from=lora_from,
                              fix_position_ids=fix_position_ids, strict=strict, force=force)
     reg = registry()
     if into and batch:

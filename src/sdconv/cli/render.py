@@ -102,8 +102,23 @@ def describe_sample(output, layout, preset, seed, info: dict) -> str:
             f"heads {info['params']['heads']}, {info['params']['act']}{vision}), random weights, seed {seed}")
 
 
+def render_lora(report: dict) -> str:
+    """`sdconv inspect LORA` without --json."""
+    lo = report["lora"]
+    lines = [f"{report['file']}: a {lo['format']} LoRA, {lo['bytes'] / 1e6:,.1f} MB"]
+    for prefix, p in lo["encoders"].items():
+        kinds = " or ".join(p["kinds"]) or "the model's only encoder"
+        blocks = f"blocks {p['blocks'][0]}-{p['blocks'][-1]}" if p["blocks"] else "no blocks"
+        lines.append(f"  {prefix}: adapts {kinds}: {p['modules']} modules ({', '.join(p['targets'])}), {blocks}, "
+                     f"rank {'/'.join(map(str, p['ranks']))}, alpha {'/'.join(f'{a:g}' for a in p['alphas'])}")
+    lines.append(f"  UNet keys: {lo['unet_keys']} (ignored by sdconv)")
+    return "\n".join(lines)
+
+
 def render_inspect(report: dict) -> str:
     """`sdconv inspect` without --json."""
+    if "lora" in report:
+        return render_lora(report)
     mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
     lines = [f"{report['file']}: {report['container']}, {mb(report['size_bytes'])}",
              f"layout: {report['layout']} ({'detected' if report['detected'] else 'given with --from'})"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import dtypes
 from .arch import infer_arch
 from .execute import SourceReader
+from .lora import LoraReader
 from .plan import BufferOp, ReadOp, ReadPlan, WriteOp
 from .preprocessing import tokenizer_files
 from .registry import ResolvedLayout
@@ -68,6 +69,7 @@ class EncoderPlan:
     grafts: dict = field(default_factory=dict)      # canonical -> Graft
     warnings: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
+    loras: list = field(default_factory=list)       # [(LoraFile, {canonical: Delta})], in the order applied
 
     def tokenizer(self, make: bool = True) -> tuple[dict, str]:
         """The tokenizer files written with this encoder ({path in the output: text}) and a note
@@ -75,9 +77,11 @@ class EncoderPlan:
         kind = self.read.layout.family.kinds.get(self.identity)
         return tokenizer_files(self.slot.tokenizer, kind.pad_token if kind else None, self.arch, make)
 
-    def reader(self, source: Source) -> SourceReader:
-        """Where this encoder's canonical tensors are read: `source`, and the grafts' references."""
-        return SourceReader(source, self.read, {c: (g.source, g.op) for c, g in self.grafts.items()})
+    def reader(self, source: Source, dtype: str = "keep"):
+        """Where this encoder's canonical tensors are read: `source`, and the grafts' references;
+        with its LoRAs merged, cast to `dtype` (the output's) once."""
+        r = SourceReader(source, self.read, {c: (g.source, g.op) for c, g in self.grafts.items()})
+        return LoraReader(r, self.loras, dtype) if self.loras else r
 
     def source_op(self, canonical: str):
         """(the reference's Source, or None for the input; the ReadOp) a canonical tensor comes from."""
@@ -166,7 +170,8 @@ class Plan:
     def inputs(self) -> list[Path]:
         """Every path this plan reads: the input, its files, and the references of grafts and of
         the vision tower (outputs may never be, contain or lie inside one of them)."""
-        sources = [self.source, *(g.source for e in self.encoders for g in e.grafts.values())]
+        sources = [self.source, *(g.source for e in self.encoders for g in e.grafts.values()),
+                   *(lf.source for e in self.encoders for lf, _ in e.loras)]
         if self.vision is not None:
             sources.append(self.vision.source)
         return list(dict.fromkeys(Path(p) for s in sources for p in [s.path, *s.files()]))

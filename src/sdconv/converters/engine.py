@@ -19,6 +19,7 @@ from .conversion import EncoderPlan, Plan, Result
 from .execute import SourceReader, stream
 from .folders import is_input
 from .grafts import own_projection, plan_grafts, plan_vision
+from .lora import bind, read_lora
 from .hashing import LateValue
 from .leases import Snapshot
 from .output import SlotOutput, write_layout, write_whole_clip
@@ -41,7 +42,10 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
     family = reads[0].layout.family
     if target.family.name != family.name:
         raise UsageError(f"{o.to} holds a {target.family.name} model, the input a {family.name} one")
-    found = _select(analyse(source, reads, given), o.encoder, source.path)
+    every = analyse(source, reads, given)
+    found = _select(every, o.encoder, source.path)
+    loras = [read_lora(spec, o.lora_from, registry) for spec in o.lora]
+    applied = bind(loras, found, every, source.path) if loras else {}
     apply_repairs(found, o.fix_position_ids)
     with_vision, projection = (input if o.whole_clip else o.with_vision), o.projection
     if with_vision is not None and len(found) != 1:
@@ -93,7 +97,12 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
                         buffers, layers_out, f.absent_last + f.read.layers - layers_out,
                         f.notes + slot_notes + wnotes, f.grafts, f.warnings, f.repairs)
         e.notes += [n for n in [e.tokenizer(make=False)[1]] if n]
+        e.loras = applied.get(f.identity, [])
+        e.notes += [f"--lora {lf.name} ({lf.format}, scale {lf.scale:g}): {len(d)} matrices adapted" for lf, d in e.loras]
         encs.append(e)
+    for lf in loras:
+        encs[0].notes += [f"--lora {lf.name}: {n}" for n in lf.notes] + (
+            [f"--lora {lf.name}: {lf.unet_keys} UNet keys ignored"] if lf.unet_keys else [])
 
     plans = []
     for group, out in _outputs(encs, None if output is None else Path(output)):
@@ -200,7 +209,7 @@ def _write_plan(p: Plan, guard: AtomicOutput, sha, progress, unchanged: Snapshot
     side = provenance.sidecar_path(p)
     meta = provenance.metadata(p, sha)
     with guard as tmp:
-        per_encoder = [stream(e.reader(p.source),
+        per_encoder = [stream(e.reader(p.source, p.dtype),
                               e.ops, e.buffers, e.arch, p.dtype, progress.update if progress is not None else None)
                        for e in p.encoders]
         if p.vision is not None:

@@ -22,10 +22,11 @@ PARAMS = "sdconv.params"                # ... its heads and activation
 ARCH = "sdconv.arch"                    # ... its architecture
 VISION_SOURCE = "sdconv.vision_source"  # a whole CLIP: where the vision tower came from
 VISION_SHA256 = "sdconv.vision_sha256"
+LORAS = "sdconv.loras"                  # LoRAs merged, in order: file, sha256, format, scale, changed
 INTO = "sdconv.into"                    # write-back: what was replaced in the checkpoint
 SAMPLE = "sdconv.sample"                # a synthetic sample: layout/preset/seed
 
-JSON_VALUED = frozenset({ENCODERS, NOTES, LEDGER, PARAMS, ARCH, OPTIONS})
+JSON_VALUED = frozenset({ENCODERS, NOTES, LEDGER, PARAMS, ARCH, OPTIONS, LORAS})
 
 PREFIX = "sdconv."
 SIDECAR_SUFFIX = ".sdconv.json"         # beside a .pt output: OUTPUT.sdconv.json

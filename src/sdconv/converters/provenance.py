@@ -34,6 +34,8 @@ def encoder_ledger(e: EncoderPlan) -> dict:
             repaired += [e.read.repairs[k] for k in rop.keys if k in e.read.repairs]
         if op.transform != "rename":
             steps.append(f"inverse of {op.transform}")
+        merged = [{"file": lf.name, "scale": lf.scale, "adapts": c, "keys": [d[c].down, d[c].up],
+                   "alpha": d[c].alpha, "rank": d[c].rank} for c in op.canonical for lf, d in e.loras if c in d]
         for key in op.keys:
             if graft is not None:
                 out[key] = {"origin": "grafted", **graft.record()}
@@ -42,6 +44,8 @@ def encoder_ledger(e: EncoderPlan) -> dict:
                 if repaired:
                     entry["repaired"] = repaired[0]
                 out[key] = entry
+            if merged:
+                out[key]["lora"] = merged
     for b in e.buffers:
         fixed = [r for r in e.repairs if r.startswith(f"{b.name}:")]
         out[b.key] = {"origin": "repaired" if fixed else "synthesized", "what": f"int64 {b.synthesize}",
@@ -92,11 +96,22 @@ def metadata(plan: Plan, sha) -> dict:
     }
     if plan.options is not None:
         meta[K.OPTIONS] = json.dumps(plan.options, sort_keys=True)
+    if any(e.loras for e in plan.encoders):
+        meta[K.LORAS] = json.dumps(loras_record(plan), sort_keys=True)
     if len(plan.encoders) == 1:
         e = plan.encoders[0]
         meta.update({K.ENCODER: e.identity, K.PARAMS: json.dumps(e.params, sort_keys=True),
                      K.ARCH: json.dumps(e.arch_out, sort_keys=True)})
     return meta
+
+
+def loras_record(plan: Plan) -> list[dict]:
+    """Each LoRA merged, in order: file, sha256, format, scale, how many matrices of each encoder it changed."""
+    files: dict = {}
+    for e in plan.encoders:
+        for lf, d in e.loras:
+            files.setdefault(id(lf), (lf, {}))[1][e.identity] = sorted(d)
+    return [lf.record(changed) for lf, changed in files.values()]
 
 
 def slot_metadata(plan: Plan, e: EncoderPlan, meta: dict) -> dict:

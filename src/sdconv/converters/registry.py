@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import MappingError, UsageError
 from .configs import SLOT_FORMATS
+from .lora_schema import LoraLayout, parse_lora
 from .schema import Family, Layout, Naming, Slot, parse_family, parse_layout, parse_naming
 from .yamlload import load_yaml
 
@@ -23,6 +24,17 @@ class ResolvedLayout:
     layout: Layout
     family: Family
     namings: dict               # slot name -> Naming
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    layout: LoraLayout
+    family: Family
+    naming: Naming
 
     @property
     def name(self) -> str:
@@ -138,6 +150,25 @@ class Registry:
                 raise MappingError(p, lay.vision.lines.get("processor", 0), f"vision processor: family {vfam.name} "
                                    "gives no image: mean and std (three numbers each) to write it with")
         return ResolvedLayout(lay, fam, namings)
+
+    def lora_names(self) -> list[str]:
+        return sorted({p.stem for d in self.dirs for p in (d / "lora").glob("*.yaml")})
+
+    @lru_cache(maxsize=None)
+    def lora(self, name: str) -> ResolvedLora:
+        """A LoRA format's mapping file, with its family and naming."""
+        p = self._find("lora", name)
+        if p is None:
+            names = self.lora_names()
+            raise UsageError(f"unknown LoRA format {name!r}", f"known: {', '.join(names)}")
+        lay = parse_lora(p)
+        try:
+            fam = self.family(lay.family)
+        except UsageError:
+            raise MappingError(p, 0, f"unknown family {lay.family!r}")
+        if self._find("naming", lay.naming) is None:
+            raise MappingError(p, lay.lines.get("naming", 0), f"unknown naming {lay.naming!r}")
+        return ResolvedLora(lay, fam, self.naming(lay.naming, lay.family))
 
     def vision(self, rl: ResolvedLayout) -> ResolvedLayout | None:
         """The layout's vision side as a one-slot layout of its own (for --with-vision)."""

@@ -72,6 +72,7 @@ class Family(Parsed):
     kinds: dict = row(named(Kind, "kind {}"), default={})       # kind name -> Kind
     presets: dict = row(mapping(mapping(lambda v, at: v)), default={})     # checked against the tensors
     overrides: bool = row(flag, default=False)
+    linears: tuple[str, ...] = row(strings, default=())     # the [out, in] matrices a LoRA may adapt
     image_mean: tuple = row(listed(number), default=(), yaml="image.mean")   # how its images are normalised
     image_std: tuple = row(listed(number), default=(), yaml="image.std")
 
@@ -261,6 +262,11 @@ def parse_family(path) -> Family:
         if b.dtype != SYNTHESIZERS[b.synthesize]:      # the engine writes what the synthesizer makes
             raise MappingError(path, b.lines["dtype"], f"buffer {b.name}: synthesizer {b.synthesize!r} makes "
                                                        f"{SYNTHESIZERS[b.synthesize]}, not {b.dtype}")
+    for name in fam.linears:
+        spec = fam.spec(name)
+        if spec is None or len(spec.shape) != 2:
+            raise MappingError(path, d.line_of("linears"),
+                               f"linears: {name!r} is not a matrix of family {fam.name}")
     _check_presets(fam, d)
     return fam
 
