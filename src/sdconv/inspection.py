@@ -112,7 +112,6 @@ def inspect(input, from_: str | None = None, *, registry: Registry = DEFAULT) ->
         c["bytes"] += source.info(k).nbytes
         if name == "unknown" and len(c.setdefault("examples", [])) < 5:
             c["examples"].append(k)
-    path = Path(source.path)
     file_notes: list[str] = []
     vision = _vision(source, found[0], registry, file_notes)
     ledger = _ledger_summary(source, reads[0].folder, file_notes)

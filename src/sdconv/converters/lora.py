@@ -199,8 +199,9 @@ def bind(loras: list[LoraFile], found: list, all_found: list, path) -> dict:
         for prefix, deltas in lf.parts.items():
             kinds = lf.kinds[prefix]
             target = [f for f in all_found if f.identity in kinds] if kinds else list(all_found)
-            if not target and len(all_found) == 1 and len(lf.parts) == 1:
-                target = list(all_found)
+            lone = all_found[0] if len(all_found) == 1 else None
+            if not target and lone is not None and len(lf.parts) == 1 and lone.identity not in lone.read.layout.family.kinds:
+                target = [lone]             # an encoder of no known kind (a custom width): the LoRA's only part
             if len(target) != 1:
                 names = ", ".join(f.identity for f in all_found)
                 raise UsageError(f"--lora {lf.name}: its {prefix!r} part adapts "
