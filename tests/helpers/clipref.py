@@ -10,18 +10,27 @@ def oc_to_hf(oc: dict) -> dict:
           "text_model.embeddings.position_embedding.weight": oc["positional_embedding"],
           "text_model.final_layer_norm.weight": oc["ln_final.weight"],
           "text_model.final_layer_norm.bias": oc["ln_final.bias"]}
-    n = 1 + max(int(k.split(".")[2]) for k in oc if k.startswith("transformer.resblocks."))
-    for i in range(n):
-        o, h = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        for s in ("weight", "bias"):
-            hf[h + f"layer_norm1.{s}"] = oc[o + f"ln_1.{s}"]
-            hf[h + f"layer_norm2.{s}"] = oc[o + f"ln_2.{s}"]
-            for x, chunk in zip("qkv", oc[o + f"attn.in_proj_{s}"].chunk(3, 0)):
-                hf[h + f"self_attn.{x}_proj.{s}"] = chunk
-            hf[h + f"self_attn.out_proj.{s}"] = oc[o + f"attn.out_proj.{s}"]
-            hf[h + f"mlp.fc1.{s}"] = oc[o + f"mlp.c_fc.{s}"]
-            hf[h + f"mlp.fc2.{s}"] = oc[o + f"mlp.c_proj.{s}"]
+    hf.update(blocks_to_hf(oc, "", "text_model."))
     return {k: v.detach().clone().contiguous() for k, v in hf.items()}
+
+
+def blocks_to_hf(sd: dict, src: str, dst: str) -> dict:
+    """The residual blocks of an OpenAI tower under `src` (transformer.resblocks.N.*, fused q|k|v)
+    as transformers names under `dst` (encoder.layers.N.*, q/k/v split), by hand."""
+    out = {}
+    pre = src + "transformer.resblocks."
+    n = 1 + max(int(k[len(pre):].split(".")[0]) for k in sd if k.startswith(pre))
+    for i in range(n):
+        o, h = f"{pre}{i}.", f"{dst}encoder.layers.{i}."
+        for s in ("weight", "bias"):
+            out[h + f"layer_norm1.{s}"] = sd[o + f"ln_1.{s}"]
+            out[h + f"layer_norm2.{s}"] = sd[o + f"ln_2.{s}"]
+            for x, chunk in zip("qkv", sd[o + f"attn.in_proj_{s}"].chunk(3, 0)):
+                out[h + f"self_attn.{x}_proj.{s}"] = chunk
+            out[h + f"self_attn.out_proj.{s}"] = sd[o + f"attn.out_proj.{s}"]
+            out[h + f"mlp.fc1.{s}"] = sd[o + f"mlp.c_fc.{s}"]
+            out[h + f"mlp.fc2.{s}"] = sd[o + f"mlp.c_proj.{s}"]
+    return out
 
 
 def reference_and_sd1(d, dtype=torch.float32, tweak=None, fp16_exact=False, seed=7):

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import consumers as C
+from tests.helpers.clipref import blocks_to_hf
 
 # a source's name -> the layout (and library) it belongs to
 HOME = {"openai_pt": "openai", "torchscript": "openai", "open_clip_folder": "open_clip",
@@ -31,22 +32,8 @@ def openai_to_clipmodel(sd: dict) -> dict:
     """OpenAI CLIP names (text and visual.*) -> transformers CLIPModel names, by hand."""
     out = {}
 
-    def tower(src: str, dst: str, n: int):
-        for i in range(n):
-            o, h = f"{src}transformer.resblocks.{i}.", f"{dst}encoder.layers.{i}."
-            for s in ("weight", "bias"):
-                out[h + f"layer_norm1.{s}"] = sd[o + f"ln_1.{s}"]
-                out[h + f"layer_norm2.{s}"] = sd[o + f"ln_2.{s}"]
-                for x, chunk in zip("qkv", sd[o + f"attn.in_proj_{s}"].chunk(3, 0)):
-                    out[h + f"self_attn.{x}_proj.{s}"] = chunk
-                out[h + f"self_attn.out_proj.{s}"] = sd[o + f"attn.out_proj.{s}"]
-                out[h + f"mlp.fc1.{s}"] = sd[o + f"mlp.c_fc.{s}"]
-                out[h + f"mlp.fc2.{s}"] = sd[o + f"mlp.c_proj.{s}"]
-
-    def layers(pre: str) -> int:
-        return 1 + max(int(k[len(pre):].split(".")[0]) for k in sd if k.startswith(pre))
-    tower("", "text_model.", layers("transformer.resblocks."))
-    tower("visual.", "vision_model.", layers("visual.transformer.resblocks."))
+    out.update(blocks_to_hf(sd, "", "text_model."))
+    out.update(blocks_to_hf(sd, "visual.", "vision_model."))
     out.update({
         "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
         "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
