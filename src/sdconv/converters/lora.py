@@ -18,9 +18,6 @@ from .registry import DEFAULT, Registry, ResolvedLora
 from .schema import LAYER
 from .synthetic import decode
 
-PEFT_CONFIG = "adapter_config.json"        # PEFT's, beside adapter_model.safetensors
-
-
 @dataclass(frozen=True)
 class Delta:
     """One module's low-rank delta: up @ down, times alpha / rank."""
@@ -79,20 +76,35 @@ def _canonical(rl, modules, module: str) -> str | None:
     return None
 
 
-def _peft_alphas(path: Path):
-    """(module name -> alpha) from PEFT's adapter_config.json beside the file, if there is one."""
-    cfg_path = Path(path).parent / PEFT_CONFIG
-    if not cfg_path.is_file():
+def _config(lay, source, path, prefix: str):
+    """The PEFT LoraConfig fields kept for the part at `prefix` (a file beside the LoRA, or its
+    metadata with prefixed fields), as {field: untrusted.Value}; {} without one."""
+    if lay.config_file:
+        p = Path(path).parent / lay.config_file
+        return dict(untrusted.read_json(p).obj().items()) if p.is_file() else {}
+    raw = source.metadata().get(lay.config_metadata) if lay.config_metadata else None
+    if not raw:
+        return {}
+    head = prefix.rstrip(".") + "."
+    doc = untrusted.parse_json(raw, f"{path} metadata {lay.config_metadata}").obj()
+    return {k[len(head):]: v for k, v in doc.items() if k.startswith(head)}
+
+
+def _alphas(lay, source, path, prefix: str):
+    """module name -> alpha, from the part's PEFT config (lora_alpha, alpha_pattern); None without one."""
+    cfg = _config(lay, source, path, prefix)
+    if not cfg:
         return None
-    cfg = untrusted.read_json(cfg_path).obj()
     for flag, what in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA (alpha / sqrt(rank))")):
         if (v := cfg.get(flag)) is not None and v.raw is True:
-            raise UsageError(f"{cfg_path}: {what} adapters are not applied by sdconv", "use a plain LoRA")
-    alpha = float(cfg["lora_alpha"].raw) if cfg.get("lora_alpha") is not None else None
-    patterns = {k: float(v.raw) for k, v in cfg.get("alpha_pattern").items()} if cfg.get("alpha_pattern") else {}
+            raise UsageError(f"{path}: {what} adapters are not applied by sdconv", "use a plain LoRA")
+    alpha = cfg.get("lora_alpha")
+    alpha = float(alpha.number()) if alpha is not None else None
+    pattern = cfg.get("alpha_pattern")
+    patterns = {k: float(v.number()) for k, v in pattern.obj().items()} if pattern is not None and pattern.raw else {}
 
     def alpha_of(module: str, rank: int) -> float:
-        for key, a in patterns.items():            # PEFT's get_pattern_key
+        for key, a in patterns.items():            # PEFT's get_pattern_key: the first that matches
             if re.match(rf"(.*\.)?({key})$", module):
                 return a
         return alpha if alpha is not None else float(rank)
@@ -118,7 +130,7 @@ def _explain(rl: ResolvedLora, source, path) -> LoraFile | str:
                 for role in ("down", "up", "alpha"):
                     suffix = getattr(part, role)
                     if suffix and rest.endswith(suffix):
-                        hit = (role, rest[:-len(suffix)])
+                        hit = (role, rest[:-len(suffix)] + part.module.replace(".", lay.separator))
                         break
                 if hit:
                     break
@@ -130,7 +142,7 @@ def _explain(rl: ResolvedLora, source, path) -> LoraFile | str:
         return f"{len(foreign)} keys it does not name, e.g. {foreign[0]!r}"
     if not groups and not unet:
         return "no keys of this format"
-    alphas = _peft_alphas(path) if lay.name == "peft" else None
+    alphas = {p: _alphas(lay, source, path, p) for p in {p for p, _ in groups}}
     parts: dict = {}
     for (prefix, module), roles in sorted(groups.items()):
         canonical = _canonical(rl, modules, module)
@@ -150,8 +162,8 @@ def _explain(rl: ResolvedLora, source, path) -> LoraFile | str:
                              "the LoRA is damaged")
         if "alpha" in roles:
             alpha = float(decode(source.raw(roles["alpha"]), source.info(roles["alpha"]).dtype)[0])
-        elif alphas is not None:
-            alpha = alphas(module.replace(lay.separator, "."), rank)
+        elif alphas[prefix] is not None:
+            alpha = alphas[prefix](module.replace(lay.separator, "."), rank)
         else:
             alpha = float(rank)
         parts.setdefault(prefix, {})[canonical] = Delta(canonical, roles["down"], roles["up"], alpha, rank,
@@ -198,7 +210,7 @@ def bind(loras: list[LoraFile], found: list, all_found: list, path) -> dict:
     for lf in loras:
         for prefix, deltas in lf.parts.items():
             kinds = lf.kinds[prefix]
-            target = [f for f in all_found if f.identity in kinds] if kinds else list(all_found)
+            target = [f for f in all_found if f.identity in kinds] if kinds else list(found if len(found) == 1 else all_found)
             lone = all_found[0] if len(all_found) == 1 else None
             if not target and lone is not None and len(lf.parts) == 1 and lone.identity not in lone.read.layout.family.kinds:
                 target = [lone]             # an encoder of no known kind (a custom width): the LoRA's only part

@@ -28,6 +28,7 @@ class LoraParts(Parsed):
     down: str = row(text)
     up: str = row(text)
     alpha: str | None = row(text, default=None)
+    module: str = row(text, default="")     # appended to the module name (a suffix that names it, to_q_lora)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class LoraLayout(Parsed):
     unsupported: dict = row(mapping(text), default={
         "dora_scale": "DoRA (weight-decomposed LoRA)", "lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
         "hada_w1": "LoHa (LyCORIS)", "lokr_w1": "LoKr (LyCORIS)"})
+    # where alphas are kept besides `.alpha` keys: a PEFT LoraConfig (lora_alpha, alpha_pattern;
+    # use_dora / use_rslora refused), in a file beside the LoRA or in its metadata, JSON with each
+    # field's name prefixed by the part's prefix
+    config_file: str | None = row(text, default=None)
+    config_metadata: str | None = row(text, default=None)
     priority: int = row(whole(None), default=0, yaml="detect.priority")
     overrides: bool = row(flag, default=False)
 
