@@ -50,7 +50,7 @@ class LoraLayout(Parsed):
     # where alphas are kept besides `.alpha` keys: a PEFT LoraConfig (lora_alpha, alpha_pattern;
     # use_dora / use_rslora refused), in a file beside the LoRA or in its metadata, JSON with each
     # field's name prefixed by the part's prefix
-    config_file: str | None = row(text, default=None)
+    config_file: str | None = row(values.file_in_folder(".json"), default=None)
     config_metadata: str | None = row(text, default=None)
     priority: int = row(whole(None), default=0, yaml="detect.priority")
     overrides: bool = row(flag, default=False)
