@@ -157,14 +157,17 @@ def test_a_server_without_ranges_is_refused_unless_download(files, srv, tmp_path
     assert _metadata(tmp_path / "o.safetensors")[K.SOURCE_SHA256_OF] == "the file (all of it was read)"
 
 
-def test_a_torch_pickle_needs_download(files, srv, tmp_path):
-    code, out = _cli("convert", srv.url_for("sd1.ckpt"), "-o", tmp_path / "o.safetensors", "--to", "openai")
-    assert code == 2 and "--download" in out, out
-    code, out = _cli("convert", srv.url_for("sd1.ckpt"), "-o", tmp_path / "o.safetensors", "--to", "openai",
-                     "--download")
-    assert code == 0, out
+def test_a_torch_zip_reads_by_ranges_with_or_without_download(files, srv, tmp_path):
+    """A torch zip is read by byte ranges (more in tests/test_remote_zip.py); --download, which
+    allows taking a whole file, changes nothing where the server serves ranges."""
     convert(files / "sd1.ckpt", tmp_path / "local.safetensors", to="openai")
-    assert _tensors(tmp_path / "local.safetensors") == _tensors(tmp_path / "o.safetensors")
+    for i, extra in enumerate(([], ["--download"])):
+        srv.reset_stats()
+        code, out = _cli("convert", srv.url_for("sd1.ckpt"), "-o", tmp_path / f"o{i}.safetensors", "--to", "openai",
+                         *extra)
+        assert code == 0, out
+        assert _tensors(tmp_path / "local.safetensors") == _tensors(tmp_path / f"o{i}.safetensors")
+        assert srv.stats.bytes_for("/sd1.ckpt") < (files / "sd1.ckpt").stat().st_size / 3
 
 
 def test_redirects_to_signed_storage_are_followed_and_not_recorded(srv, tmp_path):

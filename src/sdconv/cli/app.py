@@ -128,8 +128,8 @@ def remote_options(command):
                      callback=_transfer, help="URL and hf:// inputs: attempts after the first, per range, on "
                                               "connection errors, 429 and 5xx (with backoff; a range resumes)."),
         click.option("--download", is_flag=True, expose_value=False, callback=_transfer,
-                     help="URL inputs that cannot be read by byte ranges (a server that ignores Range): fetch "
-                          "the whole file to a temporary file first."),
+                     help="URL inputs that cannot be read by byte ranges (a server that ignores Range, a legacy "
+                          "torch pickle, a TorchScript archive): fetch the whole file to a temporary file first."),
     ]):
         command = opt(command)
     return command

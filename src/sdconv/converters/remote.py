@@ -3,7 +3,8 @@
 The bytes fetched land in a local mirror: a sparse temporary file, unlinked as soon as it is
 made (nothing is left behind, even after a kill), of the remote file's size. Readers then use
 it like any local file (a memory map, copy_file_range), asking `ensure(ranges)` first: the
-ranges not yet here are merged (small gaps bridged) into few requests, and streamed in.
+ranges not yet here are merged (small gaps bridged, and small pieces already here fetched again
+rather than splitting a request) into few requests, and streamed in.
 
 Transfers are robust: connection errors, 429 and 5xx are retried with backoff, and a range
 that broke is resumed where it broke; every response must describe the same file as the
@@ -23,6 +24,7 @@ from ..errors import InputError, RemoteError, UsageError
 
 PROBE_BYTES = 64 << 10          # the first request: the size, validators, and a header's start
 GAP_BYTES = 1 << 20             # ranges closer than this are fetched as one (fewer requests)
+REFETCH_BYTES = 64 << 10        # bytes already here, between two missing pieces, fetched again (one request)
 CHUNK = 1 << 20
 
 
@@ -129,7 +131,7 @@ class RemoteFile:
     def ensure(self, ranges) -> None:
         """Fetch what of `ranges` ([(start, end)], end exclusive) is not here yet."""
         for start, end in _merge(ranges, GAP_BYTES):
-            for s, e in self._missing(start, min(end, self.size)):
+            for s, e in _merge(self._missing(start, min(end, self.size)), REFETCH_BYTES):
                 self._fetch(s, e)
 
     def sha256_of_received(self) -> str:

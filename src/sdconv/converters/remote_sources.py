@@ -1,8 +1,9 @@
 """Inputs named by URL (`https://…`, `http://…`) or on the Hugging Face Hub (`hf://ORG/REPO[@REV]/PATH`):
-a safetensors file read by byte ranges. Its header is read first; each tensor's bytes are
-fetched when a reader asks for it, or ahead, all at once, when a plan knows what it will read
-(`prefetch`). How transfers behave (timeouts, retries, --download) is set once per run with
-`configure`."""
+a safetensors file or a torch zip checkpoint read by byte ranges. Its header (a zip's directory
+and pickle) is read first; each tensor's bytes are fetched when a reader asks for it, or ahead,
+all at once, when a plan knows what it will read (`prefetch`). Legacy pickles and TorchScript
+archives are fetched whole, with --download. How transfers behave (timeouts, retries,
+--download) is set once per run with `configure`."""
 from __future__ import annotations
 
 import atexit
@@ -16,7 +17,8 @@ from .remote import RemoteFile, RemoteName, Transfer, is_remote, public_url
 from . import untrusted
 from .folders import STAND_INS, FolderSource
 from .pickles import PickleSource
-from .sources import PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource
+from .remote_zip import RemoteZip, whole_file_reason
+from .sources import MAPPED_SOURCES, PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource, Source, TensorInfo
 
 _SETTINGS = {"transfer": Transfer()}
 # the text files of a remote folder copied into its skeleton (configs, shard indexes, tokenizers)
@@ -95,9 +97,43 @@ class RemoteSafetensorsSource(RemoteInput, SafetensorsSource):
         pass                                # the RemoteFile owns (and closes) the mirror's descriptor
 
 
+class RemoteZipSource(RemoteInput, Source):
+    """A remote torch zip checkpoint: its directory and pickle read first, then only the storage
+    records of the tensors read (remote_zip.py); torch.load is not used."""
+    container = "torch pickle"
+
+    def __init__(self, remote: RemoteFile, origin: dict):
+        self.remote, self.origin = remote, origin
+        self.path = RemoteName(remote.name)
+        self._zip = RemoteZip(remote)
+        self._info = {k: TensorInfo(r.shape, r.code) for k, r in self._zip.tensors.items()}
+        MAPPED_SOURCES.add(self)            # tensors of stored records are views of the mirror's map
+
+    def keys(self):
+        return list(self._info)
+
+    def info(self, key):
+        return self._info[key]
+
+    def prefetch(self, keys) -> None:
+        self._zip.fetch(keys)
+
+    def load(self, key):
+        return self._zip.tensor(key)
+
+    def region(self, address: int, nbytes: int):
+        span = self._zip.span
+        if span is not None and span[0] <= address and address + nbytes <= span[1]:
+            return self.remote.fd, address - span[0]
+        return None
+
+    def __del__(self):
+        pass                                # the RemoteFile owns (and closes) the mirror's descriptor
+
+
 class RemotePickleSource(RemoteInput, PickleSource):
-    """A remote torch pickle, fetched whole (--download) and read by the local reader: a zip's
-    storages are not yet read by ranges."""
+    """A remote legacy torch pickle or TorchScript archive, fetched whole (--download) and read
+    by the local reader."""
 
     def __init__(self, remote: RemoteFile, origin: dict):
         remote.ensure([(0, remote.size)])
@@ -146,7 +182,9 @@ class RemoteFolderSource(RemoteInput, FolderSource):
             remote = RemoteFile(url, transfer, name=display, stated_sha256=sha)
             self._parts_remote.append(remote)
             origin = {"url": display, "etag": remote.validators[0]}
-            return (RemoteSafetensorsSource if display.endswith(SAFETENSORS_EXT) else RemotePickleSource)(remote, origin)
+            if display.endswith(SAFETENSORS_EXT):
+                return RemoteSafetensorsSource(remote, origin)
+            return remote_pickle(remote, origin, download=True)     # a repository's own pickle: whole if need be
         return open_it
 
     def read_json(self, rel):
@@ -193,6 +231,18 @@ def _parent(rel: str) -> str:
     return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
 
+def remote_pickle(remote: RemoteFile, origin: dict, download: bool):
+    """A torch zip checkpoint by byte ranges; a legacy pickle or a TorchScript archive whole,
+    with --download only."""
+    why = whole_file_reason(remote)
+    if why is None:
+        return RemoteZipSource(remote, origin)
+    if not download:
+        raise UsageError(f"{remote.name}: {why}, which is not read by byte ranges",
+                         "pass --download to fetch the whole file to a temporary file first")
+    return RemotePickleSource(remote, origin)
+
+
 def open_remote(name: str):
     """The Source of a URL or hf:// name."""
     if not is_remote(name):
@@ -214,11 +264,8 @@ def open_remote(name: str):
         origin.setdefault("etag", remote.validators[0])
         return RemoteSafetensorsSource(remote, origin)
     if path.endswith(PICKLE_EXT):
-        if not transfer.download:
-            raise UsageError(f"{display}: a torch pickle is not read by byte ranges (yet)",
-                             "pass --download to fetch the whole file to a temporary file first")
         remote = RemoteFile(url, transfer, name=display, stated_sha256=origin.get("sha256"))
         origin.setdefault("etag", remote.validators[0])
-        return RemotePickleSource(remote, origin)
+        return remote_pickle(remote, origin, transfer.download)
     raise UsageError(f"{display}: sdconv reads .safetensors files from URLs",
                      "name the weights file itself (folders on the Hub: name their model.safetensors)")

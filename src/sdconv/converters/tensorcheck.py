@@ -126,24 +126,34 @@ def check_legacy_sizes(path, storages: dict, data_start: int):
                          "the file is truncated; download it again")
 
 
-def _view_problem(t) -> str | None:
-    """Why a strided view is not a plain view into its storage, or None."""
-    size, stride, elem = tuple(t.shape), t.stride(), t.element_size()
-    if any(s < 0 for s in stride) or t.storage_offset() < 0:
+PLAIN_HINT = "save the state dict with plain dense CPU tensors"
+
+
+def view_problem(size, stride, offset: int, elem: int, have: int) -> str | None:
+    """Why a strided view (`size`, `stride`, `offset` in elements of `elem` bytes) is not a plain
+    view into a storage of `have` bytes, or None: it must lie inside it, and no two of its
+    elements may share bytes."""
+    if any(s < 0 for s in stride) or offset < 0:
         return "has negative strides or offset"
-    if t.numel() == 0:
+    if any(n == 0 for n in size):
         return None
-    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(size, stride))
-    have = t.untyped_storage().nbytes()
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if (last + 1) * elem > have:
         return f"has a view ending at byte {(last + 1) * elem} of a storage of {have} bytes"
-    span = 1
+    span, numel = 1, 1
+    for n in size:
+        numel *= n
     for n, s in sorted(((n, s) for n, s in zip(size, stride) if n > 1), key=lambda ns: ns[1]):
         if s < span:
-            return (f"has overlapping elements (stride {s} over a dimension of {n}): it claims {t.numel() * elem} "
+            return (f"has overlapping elements (stride {s} over a dimension of {n}): it claims {numel * elem} "
                     f"bytes over a storage of {have}")
         span = s * n
     return None
+
+
+def _view_problem(t) -> str | None:
+    return view_problem(tuple(t.shape), t.stride(), t.storage_offset(), t.element_size(),
+                        t.untyped_storage().nbytes())
 
 
 def checked_tensor(path, key: str, t):
@@ -151,7 +161,7 @@ def checked_tensor(path, key: str, t):
     import torch
 
     def refuse(why):
-        raise InputError(f"{path}: tensor {key} {why}", "save the state dict with plain dense CPU tensors")
+        raise InputError(f"{path}: tensor {key} {why}", PLAIN_HINT)
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         refuse(f"is a {type(t).__name__}, a tensor subclass; sdconv reads plain tensors only")
     if t.__dict__:

@@ -90,6 +90,11 @@ def is_torchscript(path) -> bool:
             names = z.namelist()
     except (OSError, zipfile.BadZipFile):
         return False
+    return has_torchscript_names(names)
+
+
+def has_torchscript_names(names) -> bool:
+    """Do a zip's record names make it a TorchScript archive (a constants.pkl or code/ at the top)?"""
     for n in names:
         parts = n.split("/")
         if len(parts) == 2 and parts[1] == "constants.pkl":
