@@ -44,6 +44,8 @@ def make_plans(input, options: ConvertOptions | None = None, *, output=None, reg
         raise UsageError(f"{o.to} holds a {target.family.name} model, the input a {family.name} one")
     every = analyse(source, reads, given)
     found = _select(every, o.encoder, source.path)
+    if source.costly_reads:     # a remote input: the encoders' tensors in few requests, before the checks read some
+        source.prefetch([k for f in found for op in f.read.ops for k in op.keys])
     loras = [read_lora(spec, o.lora_from, registry) for spec in o.lora]
     applied = bind(loras, found, every, source.path) if loras else {}
     apply_repairs(found, o.fix_position_ids)
