@@ -581,7 +581,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not data:                          # truncated in place while served: cut, as a real server would
                 self.rec.aborted = True
                 self.close_connection = True
-                self.connection.shutdown(socket.SHUT_WR)
+                self._shut_write()
                 return
             deadline = 0.0
             if srv._pacer is not None:
@@ -600,7 +600,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 srv._reset.add(self.connection)
             else:
-                self.connection.shutdown(socket.SHUT_WR)
+                self._shut_write()
+
+
+    def _shut_write(self):
+        """End the body here; a client that has already gone (ENOTCONN) is no server error."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 class _Listener(ThreadingHTTPServer):

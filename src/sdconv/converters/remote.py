@@ -92,6 +92,7 @@ class RemoteFile:
         self.bytes_received = 0
         self.requests = 0
         self._have: list[list[int]] = []
+        self._frozen = None
         self._bar = None
         self._client = None
         self.fd = None
@@ -134,18 +135,25 @@ class RemoteFile:
             for s, e in _merge(self._missing(start, min(end, self.size)), REFETCH_BYTES):
                 self._fetch(s, e)
 
+    def freeze_received(self) -> list:
+        """Fix the ranges that sha256_of_received and received_ranges describe to those fetched
+        now (the hash may then be computed while later reads go on)."""
+        if self._frozen is None:
+            self._frozen = [tuple(r) for r in self._have]
+        return self._frozen
+
     def sha256_of_received(self) -> str:
-        """The sha256 of the bytes fetched so far, range after range in file order."""
+        """The sha256 of the bytes fetched (up to freeze_received), range after range in file order."""
         import hashlib
         h = hashlib.sha256()
-        for start, end in self._have:
+        for start, end in self.freeze_received():
             for at in range(start, end, CHUNK):
                 h.update(os.pread(self.fd, min(CHUNK, end - at), at))
         return h.hexdigest()
 
     def received_ranges(self) -> str:
-        """The byte ranges fetched so far, as `start-end` (end exclusive), comma-separated."""
-        return ",".join(f"{s}-{e}" for s, e in self._have)
+        """The byte ranges fetched (up to freeze_received), as `start-end` (end exclusive), comma-separated."""
+        return ",".join(f"{s}-{e}" for s, e in self.freeze_received())
 
     def pread(self, n: int, offset: int) -> bytes:
         self.ensure([(offset, offset + n)])

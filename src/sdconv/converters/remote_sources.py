@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from . import metakeys as K
+from .hashing import LateValue
 from .remote import RemoteFile, RemoteName, Transfer, is_remote, public_url
 from . import untrusted
 from .folders import STAND_INS, FolderSource
@@ -51,7 +52,12 @@ class RemoteInput:
         return self.remote.stated_sha256 or self.remote.sha256_of_received()
 
     def late_sha256(self):
-        return self.sha256()                # asked once the plans' tensors are fetched
+        """Asked once the plans' tensors are fetched: the bytes read are hashed while the output
+        is written (a stated sha256 needs no hashing)."""
+        if self.remote.stated_sha256:
+            return self.remote.stated_sha256
+        self.remote.freeze_received()
+        return LateValue(64, self.remote.sha256_of_received)
 
     def provenance(self) -> dict:
         if self.remote.stated_sha256:
@@ -214,6 +220,9 @@ class RemoteFolderSource(RemoteInput, FolderSource):
             out += [p] if isinstance(p, RemoteInput) else []
             todo += p.parts()
         return sorted(out, key=lambda p: str(p.path))
+
+    def late_sha256(self):
+        return self.sha256()
 
     def sha256(self) -> str:
         """Of the weight files read: a line `NAME SHA256` for each (provenance() says what each covers)."""
