@@ -24,6 +24,7 @@ from .hashing import LateValue
 from .leases import Snapshot
 from .output import SlotOutput, write_layout, write_whole_clip
 from .plan import plan_write
+from .remote import is_remote, warm_torch
 from .registry import DEFAULT, Registry, ResolvedLayout
 from .schema import Slot
 from .vision import holds_vision
@@ -184,6 +185,8 @@ def convert(input, output, options: ConvertOptions | None = None, *, registry: R
 
 
 def _convert(input, output: Path, o: ConvertOptions, registry: Registry, progress, record) -> Result:
+    if is_remote(input):        # torch is needed to write; import it while the encoder's bytes travel
+        warm_torch()
     plans = make_plans(input, o, output=output, registry=registry)
     unchanged = Snapshot(p for plan in plans for p in plan.inputs())
     for p in plans:

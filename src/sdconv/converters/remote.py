@@ -28,6 +28,18 @@ REFETCH_BYTES = 64 << 10        # bytes already here, between two missing pieces
 CHUNK = 1 << 20
 
 
+def warm_torch() -> None:
+    """Import torch in the background (once): a remote conversion waits on the network first."""
+    import sys
+    import threading
+    if "torch" not in sys.modules and not _WARMING:
+        _WARMING.append(threading.Thread(target=lambda: __import__("torch"), daemon=True))
+        _WARMING[0].start()
+
+
+_WARMING: list = []
+
+
 def is_remote(name) -> bool:
     return isinstance(name, str) and name.split("://", 1)[0].lower() in ("http", "https", "hf")
 
