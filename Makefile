@@ -19,7 +19,7 @@ help:
 	@echo "make test-fast - the quick tier: the tests marked neither oracle nor fullsize (a few minutes)"
 	@echo "make bench     - full-scale benchmark (~15 min, ~9 GB of temporary disk; BENCH_ARGS=--quick to try it)"
 	@echo "make bench-remote - sdconv reading a URL vs. downloading then converting, over a capped loopback"
-	@echo "                 server (~15 min, ~16 GB of temporary disk; BENCH_ARGS=--quick, --bandwidth MB/s)"
+	@echo "                 server (~15 min, ~17 GB of temporary disk; BENCH_ARGS=--quick, --bandwidth MB/s)"
 	@echo "make clean     - remove the venv and demo output"
 
 $(VENV)/.run-installed: pyproject.toml

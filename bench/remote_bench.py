@@ -244,7 +244,8 @@ def render(results: dict) -> str:
              f"httpx2 {meta['httpx2']} · downloader: {meta['downloader']}")
     L.append("")
     L.append(f"Server: tests/helpers/rangeserver.py on 127.0.0.1, bandwidth capped at **{bw / MB:.0f} MB/s** "
-             f"({bw * 8 / 1e9:.1f} Gbit/s). Median of {meta['reps']} runs per cell, each its own process, "
+             f"({bw * 8 / 1e9:.1f} Gbit/s; paced per 64 KiB chunk, a late chunk made up for within 20 ms). "
+             f"Median of {meta['reps']} runs per cell, each its own process, "
              "(a) and (b) alternating. (a) `sdconv convert URL -o out/clip.safetensors --to openai --encoder all` "
              "(the .ckpt with `--download`); (b) `curl -o FILE URL && sdconv convert FILE` (same options), timed "
              "as one command. Bytes: file body bytes the server sent. Ratios: (b) ÷ (a).")
@@ -335,10 +336,17 @@ def main():
                          "removed at the end); default: beside the repo if that disk has 20 GB free, else the temp dir")
     ap.add_argument("--results", type=Path, default=HERE,
                     help="where remote_results.md / remote_results.json go (default bench/)")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only write remote_results.md again from a remote_results.json (no measuring)")
     ap.add_argument("--_download", nargs=2, metavar=("URL", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._download:
         return python_download(*args._download)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["summary"] = summary_lines(results)
+        (args.results / "remote_results.md").write_text(render(results))
+        return print(f"wrote {args.results / 'remote_results.md'}")
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
