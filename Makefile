@@ -10,7 +10,7 @@ SDCONV  = $(VENV)/bin/sdconv
 TORCH_PIN = torch==2.13.0
 DEMO   ?= demo-out
 
-.PHONY: install install-test demo test test-fast bench clean help
+.PHONY: install install-test demo test test-fast bench bench-remote clean help
 
 help:
 	@echo "make demo      - install, make a sample SD1.x checkpoint, convert it to openai and hf, then a"
@@ -18,6 +18,8 @@ help:
 	@echo "make test      - install with the test oracles, run the test suite"
 	@echo "make test-fast - the quick tier: the tests marked neither oracle nor fullsize (a few minutes)"
 	@echo "make bench     - full-scale benchmark (~15 min, ~9 GB of temporary disk; BENCH_ARGS=--quick to try it)"
+	@echo "make bench-remote - sdconv reading a URL vs. downloading then converting, over a capped loopback"
+	@echo "                 server (~15 min, ~17 GB of temporary disk; BENCH_ARGS=--quick, --bandwidth MB/s)"
 	@echo "make clean     - remove the venv and demo output"
 
 $(VENV)/.run-installed: pyproject.toml
@@ -77,6 +79,13 @@ test-fast: install-test
 BENCH_ARGS ?=
 bench: install-test
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) bench/bench.py $(BENCH_ARGS)
+
+# Serves the same synthetic checkpoints from tests/helpers/rangeserver.py on 127.0.0.1 with a capped
+# bandwidth (100 MB/s unless BENCH_ARGS="--bandwidth N"), times `sdconv convert URL` against a curl
+# download then `sdconv convert FILE`, counts the bytes the server sent, writes
+# bench/remote_results.md and bench/remote_results.json, deletes its files.
+bench-remote: install-test
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) bench/remote_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO)
