@@ -13,8 +13,8 @@ made by its generators, one at a time, each deleted once measured):
 2. Times, each as its own process under `/usr/bin/time -v`, median of N (default 3), the two
    alternating within each repetition (the first of a pair swaps from one repetition to the next):
    (a) `sdconv convert URL -o out/clip.safetensors --to openai --encoder all -q`: SD1.5 its
-       clip_l, SDXL both encoders; the fp32 .ckpt with `--download` (pickles are not read by
-       ranges: the whole file is fetched first);
+       clip_l, SDXL both encoders; the fp32 .ckpt by ranges too (its zip directory, pickle and
+       the encoder's storage records);
    (b) download, then convert: `curl -o FILE URL && sdconv convert FILE ...` (same options), one
        shell command, timed as a whole; curl's own `time_total` splits it into download and
        convert. The downloaded copy is deleted after each run.
@@ -56,8 +56,8 @@ INPUTS = [
     # id (as bench.py's), name, file, sdconv options beyond `--to openai --encoder all`, target ratio
     {"id": "sd15-sft", "name": "SD1.5 fp16 .safetensors", "file": "sd15-fp16.safetensors", "extra": [],
      "what": "clip_l", "target": 6.0},
-    {"id": "sd15-ckpt", "name": "SD1.5 fp32 .ckpt (Lightning)", "file": "sd15-fp32.ckpt", "extra": ["--download"],
-     "what": "clip_l, `--download` (pickles are fetched whole)", "target": None},
+    {"id": "sd15-ckpt", "name": "SD1.5 fp32 .ckpt (Lightning)", "file": "sd15-fp32.ckpt", "extra": [],
+     "what": "clip_l (a torch zip read by ranges: its directory, pickle and the encoder's records)", "target": None},
     {"id": "sdxl-sft", "name": "SDXL base fp16 .safetensors", "file": "sdxl-base-fp16.safetensors", "extra": [],
      "what": "clip_l + clip_g", "target": 3.5},
 ]
@@ -247,7 +247,7 @@ def render(results: dict) -> str:
              f"({bw * 8 / 1e9:.1f} Gbit/s; paced per 64 KiB chunk, a late chunk made up for within 20 ms). "
              f"Median of {meta['reps']} runs per cell, each its own process, "
              "(a) and (b) alternating. (a) `sdconv convert URL -o out/clip.safetensors --to openai --encoder all` "
-             "(the .ckpt with `--download`); (b) `curl -o FILE URL && sdconv convert FILE` (same options), timed "
+             "(the .ckpt by ranges too); (b) `curl -o FILE URL && sdconv convert FILE` (same options), timed "
              "as one command. Bytes: file body bytes the server sent. Ratios: (b) ÷ (a).")
     L.append("")
     L.append("| input | encoders | (a) sdconv URL | (b) download + convert | (b) ÷ (a) wall | (b) ÷ (a) bytes | "
