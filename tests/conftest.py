@@ -44,3 +44,13 @@ def pytest_runtest_teardown(item):
     if new and item.get_closest_marker("oracle") is None:
         raise AssertionError(f"{item.nodeid} imported {', '.join(sorted(new))} but is not marked "
                              "@pytest.mark.oracle (see markers in pyproject.toml)")
+
+
+@pytest.fixture
+def quick_retries():
+    """Remote inputs retried after 10 ms, so that retried faults take no time (restored after the test)."""
+    from sdconv.converters import remote_sources
+    before = remote_sources._SETTINGS["transfer"]
+    remote_sources.configure(backoff=0.01, retries=3, timeout=5.0, download=False, show_progress=False)
+    yield
+    remote_sources._SETTINGS["transfer"] = before

@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from sdconv import convert, inspect
 from sdconv.cli import main
 from sdconv.converters import metakeys as K
-from sdconv.converters import remote_sources
 from tests.helpers.fixtures import distinct_canonical, write_layout, write_multi
 from tests.helpers.rangeserver import RangeServer, use_hub
 
@@ -25,13 +24,7 @@ UNET = "model.diffusion_model.input_blocks.0.0.weight"
 SLACK = 64 << 10          # the first request's 64 KiB, at most
 
 
-@pytest.fixture(autouse=True)
-def quick_retries():
-    """Backoff of 10 ms, so that retried faults take no time; restored after each test."""
-    before = remote_sources._SETTINGS["transfer"]
-    remote_sources.configure(backoff=0.01, retries=3, timeout=5.0, download=False, show_progress=False)
-    yield
-    remote_sources._SETTINGS["transfer"] = before
+pytestmark = pytest.mark.usefixtures("quick_retries")     # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

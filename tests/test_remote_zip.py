@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from sdconv import convert, inspect
 from sdconv.cli import main
 from sdconv.converters import metakeys as K
-from sdconv.converters import remote_sources
 from sdconv.converters.remote import PROBE_BYTES
 from sdconv.converters.remote_zip import TAIL_BYTES
 from tests.helpers.fixtures import distinct_canonical, read_all, write_layout, write_multi
@@ -34,12 +33,7 @@ ENCODER = "cond_stage_model."
 SLACK = PROBE_BYTES + TAIL_BYTES        # the first request, and the end of the file: read whole
 
 
-@pytest.fixture(autouse=True)
-def quick_retries():
-    before = remote_sources._SETTINGS["transfer"]
-    remote_sources.configure(backoff=0.01, retries=3, timeout=5.0, download=False, show_progress=False)
-    yield
-    remote_sources._SETTINGS["transfer"] = before
+pytestmark = pytest.mark.usefixtures("quick_retries")     # tests/conftest.py
 
 
 class _Payload:
