@@ -29,6 +29,7 @@ _LAZY = {
     "write_back": "sdconv.writeback",
     "sample": "sdconv.samples",
     "tokenize": "sdconv.tokenizer",
+    "fingerprint": "sdconv.fingerprint",
     "Tokenizer": "sdconv.tokenizer",
 }
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .converters.engine import convert, make_plan, make_plans
     from .converters.conversion import Plan, Result
     from .converters.registry import Registry
+    from .fingerprint import fingerprint
     from .inspection import inspect
     from .options import ConvertOptions
     from .samples import sample

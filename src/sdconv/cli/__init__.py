@@ -3,7 +3,7 @@
 app.py holds the group (errors, exit codes, the program's fast exit), render.py every line
 printed for people, and each command has its module.
 """
-from . import convert, inspect, layouts, sample, verify  # noqa: F401  (registers the commands)
+from . import convert, fingerprint, inspect, layouts, sample, verify  # noqa: F401  (registers the commands)
 from .app import main, run
 
 __all__ = ["main", "run"]

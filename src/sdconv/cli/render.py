@@ -102,6 +102,17 @@ def describe_sample(output, layout, preset, seed, info: dict) -> str:
             f"heads {info['params']['heads']}, {info['params']['act']}{vision}), random weights, seed {seed}")
 
 
+def render_fingerprints(records: list, groups: list | None) -> str:
+    """`sdconv fingerprint` without --json: a line per encoder, then the groups of equal ones."""
+    lines = [f"{r['digest']}  {r['file']} ({r['encoder']}, {r['layout']}, {r['tensors']} tensors, "
+             + ", ".join(f"{k} x{v}" for k, v in sorted(r["dtypes"].items())) + ")" for r in records]
+    if groups is not None:
+        same = [g for g in groups if g["count"] > 1]
+        lines.append(f"{len(groups)} distinct encoder(s) among {len(records)}"
+                     + "".join(f"\n  same weights: {', '.join(g['members'])}" for g in same))
+    return "\n".join(lines)
+
+
 def render_lora(report: dict) -> str:
     """`sdconv inspect LORA` without --json."""
     lo = report["lora"]
