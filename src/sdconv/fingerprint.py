@@ -12,7 +12,7 @@ import hashlib
 
 from .converters import dtypes, leases
 from .converters.analyse import analyse, read_input
-from .converters.execute import load_canonical
+from .converters.execute import dtype_counts, load_canonical
 from .converters.registry import DEFAULT, Registry
 from .converters.sources import tensor_bytes
 
@@ -41,11 +41,8 @@ def fingerprint(input, *, encoder: str | None = None, from_: str | None = None,
                 continue
             source.prefetch([k for op in f.read.ops for k in op.keys])     # a remote input: at once
             canon = load_canonical(source, f.read)
-            kinds: dict = {}
-            for t in canon.values():
-                kinds[str(t.dtype).replace("torch.", "")] = kinds.get(str(t.dtype).replace("torch.", ""), 0) + 1
             out.append({"file": str(input), "encoder": f.identity, "layout": f.read.layout.name,
-                        "digest": digest(canon), "tensors": len(canon), "dtypes": kinds})
+                        "digest": digest(canon), "tensors": len(canon), "dtypes": dtype_counts(canon.values())})
         return out
     finally:
         leases.release_all()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .converters import leases
 from .converters.analyse import analyse, read_input
-from .converters.execute import load_canonical
+from .converters.execute import dtype_counts, load_canonical
 from .converters.lora import apply as apply_lora, bind, read_lora
 from .converters.registry import DEFAULT, Registry
 from .converters.schema import LAYER
@@ -57,10 +57,7 @@ def load_side(path, from_=None, encoder=None, params=None, registry: Registry = 
     loras = [read_lora(spec, lora_from, registry) for spec in lora]
     if loras:
         canon = apply_lora(canon, bind(loras, [f], every, path)[f.identity])
-    dtypes: dict = {}
-    for t in canon.values():
-        dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
-    return Side(str(path), f.read.layout.name, f.identity, f.params, canon, dtypes, f.read.layout.family,
+    return Side(str(path), f.read.layout.name, f.identity, f.params, canon, dtype_counts(canon.values()), f.read.layout.family,
                 findings(source, f.read, deep=True))
 
 

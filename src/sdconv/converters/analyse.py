@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from ..errors import InputError, LayoutError
 from . import configs, metakeys, untrusted
 from .detect import detect, read_layout
-from .folders import open_source
-from .remote import is_remote
-from .remote_sources import open_remote
+from .remote_sources import open_input
 from .arch import absent_last_blocks, identify, infer_arch, resolve_params
 from .plan import ReadPlan
 from .registry import DEFAULT, Registry
@@ -42,7 +40,7 @@ def read_input(input, from_: str | None = None, given: dict | None = None, regis
     """Open the input and read its encoders: (source, [ReadPlan], verdicts or None)."""
     given = given or {}
     src_layout = registry.layout(from_) if from_ else None      # unknown names fail before reading
-    source = open_remote(input) if is_remote(input) else open_source(input)
+    source = open_input(input)
     if src_layout is None:
         reads, verdicts = detect(source, registry, given.get("encoder"))
         return source, reads, verdicts

@@ -110,6 +110,15 @@ def stream(reader, ops: list[WriteOp], buffers: list[BufferOp], arch: dict, dtyp
     return TensorStream(entries, make)
 
 
+def dtype_counts(tensors) -> dict:
+    """{torch dtype name (float16, ...): how many of `tensors`}."""
+    out: dict = {}
+    for t in tensors:
+        name = str(t.dtype).replace("torch.", "")
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
 def load_canonical(source, rp: ReadPlan) -> dict:
     """Every canonical tensor of a read plan, as stored (verify compares them)."""
     out = {}

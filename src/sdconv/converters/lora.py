@@ -6,7 +6,6 @@ The UNet's deltas are counted and ignored; formats sdconv does not apply (DoRA, 
 targets the encoder lacks are refused, never half-applied."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,19 +173,18 @@ def _explain(rl: ResolvedLora, source, path) -> LoraFile | str:
 def read_lora(spec, lora_from: str | None = None, registry: Registry = DEFAULT, text_only: bool = True) -> LoraFile:
     """Open and read one LoRA (`spec`: FILE[:SCALE] or (FILE, SCALE)); its format detected unless
     given. `text_only`: one that adapts the UNet alone is an error (it changes no text encoder)."""
-    from .folders import open_source
-    from .remote import is_remote
-    from .remote_sources import open_remote
+    from .remote_sources import open_input
     path, scale = parse_spec(spec)
-    source = open_remote(path) if is_remote(path) else open_source(path)
+    source = open_input(path)
     if source.is_folder:                    # a PEFT adapter folder
         raise UsageError(f"{path}: a folder", "name the LoRA's weights file (for PEFT: adapter_model.safetensors)")
-    unsupported = {w for k in source.keys() for s, w in registry.lora(registry.lora_names()[0]).layout.unsupported.items()
-                   if s in k}
+    names = [lora_from] if lora_from else registry.lora_names()
+    # what the formats tried do not apply: refused before any of them half-reads the file
+    refused = {s: w for n in names for s, w in registry.lora(n).layout.unsupported.items()}
+    unsupported = {w for k in source.keys() for s, w in refused.items() if s in k}
     if unsupported:
         raise UsageError(f"{path}: a {sorted(unsupported)[0]} file; sdconv applies plain LoRAs only",
                          "merge it with the tool that trained it")
-    names = [lora_from] if lora_from else registry.lora_names()
     reasons = []
     for name in names:
         got = _explain(registry.lora(name), source, path)
@@ -283,4 +281,4 @@ def describe(path, registry: Registry = DEFAULT) -> dict:
                          "alphas": sorted({d.alpha for d in deltas.values()}), "blocks": blocks,
                          "targets": sorted({re.sub(r"^blk\.\d+\.", "blk.N.", c) for c in deltas})}
     return {"file": str(path), "format": lf.format, "encoders": parts, "unet_keys": lf.unet_keys,
-            "bytes": lf.source.size_bytes(), "metadata": json.loads(json.dumps(lf.source.metadata()))}
+            "bytes": lf.source.size_bytes(), "metadata": dict(lf.source.metadata())}

@@ -16,7 +16,7 @@ from . import metakeys as K
 from .hashing import LateValue
 from .remote import RemoteFile, RemoteName, Transfer, is_remote, public_url
 from . import untrusted
-from .folders import STAND_INS, FolderSource
+from .folders import STAND_INS, FolderSource, open_source
 from .pickles import PickleSource
 from .remote_zip import RemoteZip, whole_file_reason
 from .sources import MAPPED_SOURCES, PICKLE_EXT, SAFETENSORS_EXT, SafetensorsSource, Source, TensorInfo
@@ -250,6 +250,11 @@ def remote_pickle(remote: RemoteFile, origin: dict, download: bool):
         raise UsageError(f"{remote.name}: {why}, which is not read by byte ranges",
                          "pass --download to fetch the whole file to a temporary file first")
     return RemotePickleSource(remote, origin)
+
+
+def open_input(name):
+    """The Source of any input: a URL or hf:// name, or a local file or folder."""
+    return open_remote(name) if is_remote(name) else open_source(name)
 
 
 def open_remote(name: str):
